@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 
-from dami_jax.config import ModelConfig, read_hf_config
+from dami_jax.config import ModelConfig, config_to_hf, read_hf_config
 from dami_jax.params import (
     IGNORED_TENSORS,
     Params,
     get_path,
     hf_name_to_path,
+    hf_tensor_names,
     iter_paths,
     param_shapes,
     path_str,
@@ -117,6 +118,24 @@ def _load_tensor(f, name, file, cfg, expected, params, dtype, shardings) -> None
     set_path(params, path, tensor)
 
 
+def save_hf_checkpoint(path: str | Path, cfg: ModelConfig, params: Params) -> Path:
+    """Write an HF folder (``config.json`` + ``model.safetensors``) that transformers loads too."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (tree_path, transposed) in hf_tensor_names(cfg).items():
+        leaf = np.asarray(jax.device_get(get_path(params, tree_path)))
+        if leaf.dtype == jnp.bfloat16:
+            raise CheckpointError(f"save_hf_checkpoint: {path_str(tree_path)} is bfloat16; cast params to float32 first")
+        tensors[name] = np.ascontiguousarray(leaf.T if transposed else leaf)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+    return folder
+
+
 def save_checkpoint(path: str | Path, cfg: ModelConfig, params: Params) -> Path:
     """Save a converted model as an orbax checkpoint (fast reloads via :func:`load_checkpoint`)."""
     import orbax.checkpoint as ocp
@@ -134,8 +153,7 @@ def _restore_orbax(folder: Path, dtype: Any, mesh) -> tuple[ModelConfig, Params]
 
     cfg = ModelConfig.from_json(json.loads((folder / ORBAX_CONFIG).read_text()))
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(folder.absolute() / ORBAX_PARAMS)
-        tree = getattr(meta, "item_metadata", meta)
+        stored = ckptr.metadata(folder.absolute() / ORBAX_PARAMS).item_metadata.tree
         if mesh is not None:
             from dami_jax.sharding import param_shardings
 
@@ -144,7 +162,7 @@ def _restore_orbax(folder: Path, dtype: Any, mesh) -> tuple[ModelConfig, Params]
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
         target = jax.tree.map(
-            lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), tree, shardings
+            lambda s, m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), shardings, stored
         )
         params = ckptr.restore(folder.absolute() / ORBAX_PARAMS, target)
     return cfg, jax.tree.map(jnp.asarray, params)

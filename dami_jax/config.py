@@ -70,9 +70,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope: RopeConfig = RopeConfig()
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
-    o_bias: bool = False  # Llama with attention_bias
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    attention_bias: bool = False  # Llama/Qwen3 option: biases on q, k, v and o
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -80,6 +78,19 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.architecture == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: RMSNorm over head_dim on q and k before RoPE."""
+        return self.architecture == "qwen3"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +101,40 @@ class ModelConfig:
         data["rope"] = RopeConfig(**data["rope"])
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
         return cls(**data)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The transformers-v5 ``config.json`` for ``cfg`` (inverse of :func:`config_from_hf`)."""
+    arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.architecture]
+    rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.type}
+    if cfg.rope.type != "default":
+        rope["factor"] = cfg.rope.factor
+    if cfg.rope.type == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope.low_freq_factor,
+            high_freq_factor=cfg.rope.high_freq_factor,
+            original_max_position_embeddings=cfg.rope.original_max_position_embeddings,
+        )
+    eos = list(cfg.eos_token_ids)
+    return {
+        "architectures": [arch],
+        "model_type": cfg.architecture,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+    }
 
 
 def _rope_from_hf(hf: dict[str, Any], where: str) -> RopeConfig:
@@ -156,9 +201,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=_rope_from_hf(hf, where),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2" or attention_bias,
-            o_bias=arch == "llama" and attention_bias,
-            qk_norm=arch == "qwen3",
+            attention_bias=arch != "qwen2" and attention_bias,
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             eos_token_ids=eos,
             pad_token_id=int(pad if isinstance(pad, int) else (eos[0] if eos else 0)),

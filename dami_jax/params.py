@@ -58,6 +58,19 @@ def hf_name_to_path(name: str) -> tuple[tuple[str | int, ...], bool] | None:
     return path, is_kernel
 
 
+def hf_tensor_names(cfg: ModelConfig) -> dict[str, tuple[tuple[str | int, ...], bool]]:
+    """HF tensor name -> (tree path, transposed?) for every parameter of ``cfg``."""
+    names = {}
+    for name, path in _GLOBAL_TENSORS.items():
+        names[name] = path
+    for i in range(cfg.num_layers):
+        for suffix, sub in _LAYER_TENSORS.items():
+            names[f"model.layers.{i}.{suffix}"] = ("layers", i, *sub)
+    shapes = param_shapes(cfg)
+    known = {path for path, _ in iter_paths(shapes)}
+    return {n: hf_name_to_path(n) for n, p in names.items() if path_str(p) in known}
+
+
 def param_shapes(cfg: ModelConfig) -> Params:
     """The expected tree for ``cfg``, with shape tuples as leaves."""
     d, hd = cfg.hidden_size, cfg.head_dim
