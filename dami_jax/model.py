@@ -54,6 +54,20 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
     return dense(jax.nn.silu(dense(x, p["gate"])) * dense(x, p["up"]), p["down"])
 
 
+def block(
+    p: Params, cfg: ModelConfig, h: jax.Array, positions: jax.Array, layer: int, cache: KVCache | None
+) -> tuple[jax.Array, KVCache | None]:
+    """One pre-norm transformer layer on the residual stream h float32 [B, T, D]."""
+    b, t, _ = h.shape
+    q, k, v = qkv(p["attn"], cfg, rms_norm(h, p["attn_norm"], cfg.rms_norm_eps), positions)
+    if cache is None:
+        out = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), causal_mask(b, t))
+    else:
+        out, cache = cache.attend(layer, q, k, v)
+    h = h + dense(out.reshape(b, t, -1), p["attn"]["o"], p["attn"].get("o_bias"))
+    return h + mlp(p["mlp"], rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)), cache
+
+
 def decoder(
     params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache | None = None
 ) -> tuple[jax.Array, KVCache | None]:
@@ -61,20 +75,21 @@ def decoder(
 
     Without a cache this is the full causal pass over ``tokens`` at positions 0..T-1.
     """
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if cache is None else cache.positions(t)
-    h = params["embed"][tokens].astype(jnp.float32)
+    h, cache = embed(params, tokens), cache
+    positions = causal_positions(tokens) if cache is None else cache.positions(tokens.shape[1])
     for i, layer in enumerate(params["layers"]):
-        x = rms_norm(h, layer["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = qkv(layer["attn"], cfg, x, positions)
-        if cache is None:
-            out = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), causal_mask(b, t))
-        else:
-            out, cache = cache.attend(i, q, k, v)
-        h = h + dense(out.reshape(b, t, -1), layer["attn"]["o"], layer["attn"].get("o_bias"))
-        h = h + mlp(layer["mlp"], rms_norm(h, layer["mlp_norm"], cfg.rms_norm_eps))
+        h, cache = block(layer, cfg, h, positions, i, cache)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    return h, (None if cache is None else cache.advance(t))
+    return h, (None if cache is None else cache.advance(tokens.shape[1]))
+
+
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    return params["embed"][tokens].astype(jnp.float32)
+
+
+def causal_positions(tokens: jax.Array) -> jax.Array:
+    b, t = tokens.shape
+    return jnp.broadcast_to(jnp.arange(t), (b, t))
 
 
 def lm_logits(params: Params, hidden: jax.Array) -> jax.Array:
