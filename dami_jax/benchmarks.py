@@ -236,3 +236,10 @@ def load_benchmark(name: str, limit: int | None = None) -> list[Problem]:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     problems = BENCHMARKS[name]()
     return problems if limit is None else problems[:limit]
+
+
+def toy_problems(n_per_level: int = 10, seed: int = 0) -> list[Problem]:
+    """The embedded toy pair's held-out benchmark (``dami_jax.toy``), as :class:`Problem` rows."""
+    from dami_jax.toy import toy_benchmark
+
+    return [Problem(p.id, p.question, str(p.answer), p.source) for p in toy_benchmark(n_per_level, seed)]

@@ -22,7 +22,6 @@ from dami_jax.params import (
     get_path,
     hf_name_to_path,
     hf_tensor_names,
-    iter_paths,
     param_shapes,
     path_str,
     set_path,
@@ -81,7 +80,9 @@ def load_checkpoint(path: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh
                     _load_tensor(f, name, file, cfg, expected, params, dtype, shardings)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
-    missing = [p for p, leaf in iter_paths(params) if leaf is None]
+    # None marks a parameter not read; flatten with None as a leaf (jax treats None as an empty subtree).
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
+    missing = [path_str(p) for p, leaf in flat if leaf is None]
     if missing:
         raise CheckpointError(f"{folder}: checkpoint lacks parameter(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     return cfg, params

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import jax
 
@@ -31,6 +32,80 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{sum(map(len, rows))} tokens in {elapsed:.1f} s (compilation included)")
 
 
+def _pair(args: argparse.Namespace):
+    from dami_jax.pair import load_pair
+    from dami_jax.toy import toy_pair_paths
+
+    if (args.instruct is None) != (args.thinking is None):
+        raise SystemExit("give both --instruct and --thinking, or neither (the embedded toy pair)")
+    paths = (args.instruct, args.thinking) if args.instruct else toy_pair_paths()
+    return load_pair(*paths, dtype=args.dtype)
+
+
+def _problems(args: argparse.Namespace):
+    from dami_jax.benchmarks import load_benchmark, toy_problems
+
+    if args.benchmark == "toy":
+        return toy_problems(args.n_per_level, seed=args.seed)
+    return load_benchmark(args.benchmark, limit=args.limit)
+
+
+def _lambdas(text: str) -> tuple[float, ...]:
+    """'0:1:0.1' (inclusive grid) or '0,0.25,1'."""
+    if ":" in text:
+        start, stop, step = map(float, text.split(":"))
+        count = int(round((stop - start) / step)) + 1
+        return tuple(round(start + i * step, 6) for i in range(count))
+    return tuple(float(x) for x in text.split(","))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from dami_jax.frontier import format_table, frontier_shape, plot_frontier, summarize
+    from dami_jax.sweep import SweepConfig, run_sweep
+
+    pair, problems = _pair(args), _problems(args)
+    config = SweepConfig(
+        lambdas=_lambdas(args.lambdas), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        template=args.template, style="toy" if args.benchmark == "toy" else "boxed", seed=args.seed,
+    )  # fmt: skip
+    out = Path(args.out)
+    records = run_sweep(pair, problems, out / "records.jsonl", config)
+    points = summarize(records)
+    print(format_table(points))
+    shape = frontier_shape(points)
+    print(", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'no'}" for k, v in shape.items()))
+    print(f"records: {out / 'records.jsonl'}\nfrontier plot: {plot_frontier(points, out / 'frontier.png')}")
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    from dami_jax.diagnostics import loss_along_path, plot_diagnostics, representation_continuity
+    from dami_jax.toy import diagnostic_sequences
+
+    pair = _pair(args)
+    lambdas = _lambdas(args.lambdas)
+    sequences, masks = diagnostic_sequences(pair.tokenizers["thinking"], args.n_per_level, seed=args.seed)
+    continuity = representation_continuity(pair, sequences, lambdas, delta=args.delta)
+    connectivity = loss_along_path(pair, sequences, masks, lambdas)
+    print("lambda  CKA(next) min/mean  CKA(instruct) mean  CKA(thinking) mean  held-out loss  straight line")
+    for i, lam in enumerate(continuity.lambdas):
+        j = connectivity.lambdas.index(lam)
+        print(f"{lam:6.2f}  {continuity.next_cka[i].min():8.3f} / {continuity.next_cka[i].mean():.3f}"
+              f"  {continuity.instruct_cka[i].mean():18.3f}  {continuity.thinking_cka[i].mean():18.3f}"
+              f"  {connectivity.losses[j]:13.4f}  {connectivity.linear[j]:13.4f}")  # fmt: skip
+    print(f"loss barrier: {connectivity.barrier:+.4f} nats/token")
+    print(f"plot: {plot_diagnostics(continuity, connectivity, Path(args.out) / 'diagnostics.png')}")
+
+
+def _add_pair_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instruct", help="Instruct (System 1) HF folder; default: the embedded toy pair")
+    parser.add_argument("--thinking", help="Thinking (System 2) HF folder")
+    parser.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
+    parser.add_argument("--lambdas", default="0:1:0.1", help="grid 'start:stop:step' or list '0,0.5,1'")
+    parser.add_argument("--n-per-level", type=int, default=10, help="toy problems per difficulty level")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/sweep", help="output folder")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dami-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +119,20 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.set_defaults(run=_generate)
+
+    sweep = sub.add_parser("sweep", help="answer a benchmark across a lambda grid; table + Pareto frontier plot")
+    _add_pair_args(sweep)
+    sweep.add_argument("--benchmark", default="toy", help="'toy' or a dami_jax.benchmarks name (e.g. gsm8k-offline)")
+    sweep.add_argument("--limit", type=int, default=None, help="first N problems of a named benchmark")
+    sweep.add_argument("--max-new-tokens", type=int, default=160)
+    sweep.add_argument("--batch-size", type=int, default=64)
+    sweep.add_argument("--template", default="thinking", choices=("thinking", "instruct", "nearest"))
+    sweep.set_defaults(run=_sweep)
+
+    diag = sub.add_parser("diagnose", help="representation continuity (CKA) and loss barrier along the path")
+    _add_pair_args(diag)
+    diag.add_argument("--delta", type=float, default=0.05, help="lambda step for CKA(theta(lam), theta(lam+delta))")
+    diag.set_defaults(run=_diagnose)
     args = parser.parse_args(argv)
     args.run(args)
 

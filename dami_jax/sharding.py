@@ -22,7 +22,9 @@ _SPLIT_AXIS = {"q": 1, "k": 1, "v": 1, "o": 0, "q_bias": 0, "k_bias": 0, "v_bias
 def make_mesh(devices=None) -> Mesh:
     """A 1-D tensor-parallel mesh over ``devices`` (default: all)."""
     devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
+    # Auto (GSPMD) axes: jax.make_mesh defaults to Explicit axes, under which sharding-in-types
+    # rejects the model's head reshapes ("This reshape is not supported").
+    return jax.make_mesh((len(devices),), (AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
