@@ -9,7 +9,7 @@ devices) stays replicated rather than failing.
 from __future__ import annotations
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dami_jax.config import ModelConfig
 from dami_jax.params import Params, param_shapes
@@ -22,13 +22,18 @@ _SPLIT_AXIS = {"q": 1, "k": 1, "v": 1, "o": 0, "q_bias": 0, "k_bias": 0, "v_bias
 def make_mesh(devices=None) -> Mesh:
     """A 1-D tensor-parallel mesh over ``devices`` (default: all)."""
     devices = jax.devices() if devices is None else devices
-    # Auto (GSPMD) axes: jax.make_mesh defaults to Explicit axes, under which sharding-in-types
-    # rejects the model's head reshapes ("This reshape is not supported").
-    return jax.make_mesh((len(devices),), (AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
+    return jax.make_mesh((len(devices),), (AXIS,), (AxisType.Auto,), devices=devices)
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
-    """A tree of ``NamedSharding`` matching :func:`param_shapes`."""
+    """A tree of ``NamedSharding`` matching :func:`param_shapes`.
+
+    The mesh is used with Auto (GSPMD) axes whatever it was built with: under Explicit axes
+    (``jax.make_mesh``'s default) sharding-in-types rejects the model's head reshapes.
+    """
+    if AXIS not in mesh.shape:
+        raise ValueError(f"mesh: needs an axis named {AXIS!r} (see dami_jax.make_mesh), got {tuple(mesh.shape)}")
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     size = mesh.shape[AXIS]
 
     def sharding(path, shape):
