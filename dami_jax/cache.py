@@ -7,6 +7,7 @@ for all rows. ``start[b]`` marks where row b's real tokens begin; RoPE positions
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 import flax.struct
@@ -29,6 +30,23 @@ class KVCache(Protocol):
 
     def advance(self, num_tokens: int) -> "KVCache":
         """Mark ``num_tokens`` more slots as written (called once per step, after all layers)."""
+
+
+class CacheConfig(Protocol):
+    """How :func:`dami_jax.generate` builds the cache it decodes with. Prefill always runs on a
+    full-precision :class:`DenseKVCache` (as TailorKV prescribes); ``after_prefill`` turns that
+    into the decode-time cache. Implementations are frozen dataclasses (static under jit)."""
+
+    def after_prefill(self, cfg: ModelConfig, cache: "DenseKVCache") -> KVCache:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCacheConfig:
+    """Decode on the preallocated full-precision cache itself."""
+
+    def after_prefill(self, cfg: ModelConfig, cache: "DenseKVCache") -> "DenseKVCache":
+        return cache
 
 
 def visible_mask(start: jax.Array, first_slot: jax.Array, num_queries: int, num_slots: int) -> jax.Array:

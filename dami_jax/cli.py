@@ -12,7 +12,7 @@ import jax
 def _generate(args: argparse.Namespace) -> None:
     from dami_jax.assets import smollm2_checkpoint
     from dami_jax.checkpoint import load_checkpoint
-    from dami_jax.generate import generate
+    from dami_jax.generation import generate
     from dami_jax.sampling import Sampling
     from dami_jax.tokenizer import chat_tokens, load_tokenizer
 

@@ -225,7 +225,7 @@ def test_greedy_ignores_key(model, unstopped):
 
 def test_same_bucket_does_not_recompile(model):
     cfg, params = model
-    jitted = importlib.import_module("dami_jax.generate")._generate
+    jitted = importlib.import_module("dami_jax.generation")._generate
     if not hasattr(jitted, "_cache_size"):
         pytest.skip("this jax version does not expose the jit cache size")
     dj.generate(params, cfg, [[7, 8, 9]], max_new_tokens=5, stop_tokens=[])
@@ -302,3 +302,21 @@ def test_truncate_noops():
     np.testing.assert_array_equal(truncate_logits(logits, None, None), logits)
     np.testing.assert_array_equal(truncate_logits(logits, 10, 1.0), logits)
     np.testing.assert_array_equal(truncate_logits(logits, 50, None), logits)
+
+
+def test_chunked_prefill_matches_one_shot(monkeypatch):
+    import dami_jax.generation as generation
+    from dami_jax.config import ModelConfig
+
+    cfg = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024)  # fmt: skip
+    params = dj.init_params(cfg, jax.random.key(0), scale=0.3)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 64, 300).tolist(), rng.integers(0, 64, 250).tolist()]
+    one_shot = dj.generate(params, cfg, prompts, max_new_tokens=8, stop_tokens=[])
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 64)  # 300 tokens -> 5 chunks of 64 (left-padded to 320)
+    generation._generate.clear_cache()
+    chunked = dj.generate(params, cfg, prompts, max_new_tokens=8, stop_tokens=[])
+    generation._generate.clear_cache()
+    np.testing.assert_array_equal(chunked.tokens, one_shot.tokens)
+    np.testing.assert_allclose(chunked.logprobs, one_shot.logprobs, atol=1e-5)

@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dami_jax.cache import DenseKVCache, KVCache
+from dami_jax.cache import CacheConfig, DenseCacheConfig, DenseKVCache, KVCache
 from dami_jax.config import ModelConfig
 from dami_jax.model import decoder, lm_logits
 from dami_jax.params import Params
 from dami_jax.sampling import GREEDY, Sampling, sample_tokens
 
 PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this, to bound recompiles
+PREFILL_CHUNK = 1024  # longer prompts are prefilled in chunks of this many tokens (bounded memory)
 NO_STOP = -1
 
 
@@ -81,14 +82,15 @@ def generate(
     key: jax.Array | None = None,
     stop_tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
     cache_size: int | None = None,
-    cache: Any = DenseKVCache,
+    cache: CacheConfig = DenseCacheConfig(),
 ) -> Generation:
     """Generate up to ``max_new_tokens`` for each prompt (token-id lists of any lengths).
 
     ``stop_tokens`` defaults to the checkpoint's EOS ids; pass per-row lists to stop rows on
     different tokens, or ``[]`` to never stop early. ``key`` is required when sampling.
-    ``cache_size`` bounds prompt + generated tokens (default: just enough). ``cache`` is the cache
-    type or config with ``create(cfg, start, size, dtype)``.
+    ``cache_size`` bounds prompt + generated tokens (default: just enough). ``cache`` chooses the
+    decode-time cache (e.g. ``TailorKVConfig``); prompts longer than ``PREFILL_CHUNK`` are
+    prefilled chunk by chunk.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: need at least one prompt, and every prompt needs at least one token")
@@ -103,7 +105,8 @@ def generate(
             f"prompts: longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the "
             f"model's max_position_embeddings={cfg.max_position_embeddings}"
         )
-    padded = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    bucket = PROMPT_BUCKET if longest <= PREFILL_CHUNK else PREFILL_CHUNK
+    padded = -(-longest // bucket) * bucket
     if cache_size is None:
         cache_size = padded + max_new_tokens
     elif longest + max_new_tokens > cache_size:
@@ -111,7 +114,11 @@ def generate(
             f"cache_size={cache_size} is too small: the longest prompt has {longest} tokens and "
             f"max_new_tokens={max_new_tokens}"
         )
-    padded = min(padded, cache_size - max_new_tokens)
+    if padded + max_new_tokens > cache_size:  # a caller-fixed cache: pad less (chunking needs the bucket)
+        padded = longest if longest <= PREFILL_CHUNK else padded
+        if padded + max_new_tokens > cache_size:
+            raise ValueError(f"cache_size={cache_size}: prompts longer than {PREFILL_CHUNK} tokens are padded to "
+                             f"{padded}, which with max_new_tokens={max_new_tokens} does not fit")  # fmt: skip
     if sampling.greedy:
         key = jax.random.key(0) if key is None else key
     elif key is None:
@@ -120,7 +127,7 @@ def generate(
     stop = _stop_table(stop_tokens, len(prompts), cfg.eos_token_ids)
     return _generate(
         params, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(stop), key,
-        cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, cache_size=cache_size, cache_type=cache,
+        cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, cache_size=cache_size, cache_config=cache,
     )  # fmt: skip
 
 
@@ -139,18 +146,36 @@ def _record(loop: _Loop, stop: jax.Array, sampling: Sampling, pad_id: int) -> _L
     return loop.replace(step=loop.step + 1, key=key, out=out, done=done)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "cache_size", "cache_type"))
-def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, max_new_tokens, cache_size, cache_type) -> Generation:
+def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run the prompt through the cache, in ``PREFILL_CHUNK`` pieces when longer (a ``lax.scan``,
+    so one compiled chunk serves any length). Returns (hidden of the last position [B, D], cache)."""
+    batch, length = tokens.shape
+    if length <= PREFILL_CHUNK:
+        hidden, cache = decoder(params, cfg, tokens, cache)
+        return hidden[:, -1], cache
+
+    def chunk_step(cache, chunk):
+        hidden, cache = decoder(params, cfg, chunk, cache)
+        return cache, hidden[:, -1]
+
+    chunks = tokens.reshape(batch, length // PREFILL_CHUNK, PREFILL_CHUNK).swapaxes(0, 1)
+    cache, last = jax.lax.scan(chunk_step, cache, chunks)
+    return last[-1], cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "cache_size", "cache_config"))
+def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, max_new_tokens, cache_size, cache_config) -> Generation:
     batch = tokens.shape[0]
-    cache: KVCache = cache_type.create(cfg, start, cache_size, params["embed"].dtype)
-    hidden, cache = decoder(params, cfg, tokens, cache)
+    dense = DenseKVCache.create(cfg, start, cache_size, params["embed"].dtype)
+    last_hidden, dense = prefill(params, cfg, tokens, dense)
+    cache = cache_config.after_prefill(cfg, dense)
     out = Generation(
         tokens=jnp.full((batch, max_new_tokens), cfg.pad_token_id, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
         logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
     )
     loop = _Loop(
-        step=jnp.zeros((), jnp.int32), logits=lm_logits(params, hidden[:, -1]), cache=cache, key=key,
+        step=jnp.zeros((), jnp.int32), logits=lm_logits(params, last_hidden), cache=cache, key=key,
         out=out, done=jnp.zeros((batch,), bool),
     )  # fmt: skip
     loop = _record(loop, stop, sampling, cfg.pad_token_id)
