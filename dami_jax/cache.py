@@ -24,9 +24,15 @@ class KVCache(Protocol):
     def positions(self, num_tokens: int) -> jax.Array:
         """RoPE positions int32 [B, num_tokens] of the next tokens to be appended."""
 
-    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, "KVCache"]:
+    def attend(
+        self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, next_query: jax.Array | None = None
+    ) -> tuple[jax.Array, "KVCache"]:
         """Append this step's k, v [B, T, Hkv, hd] for ``layer`` and attend q [B, T, Hq, hd]
-        over everything visible; returns (float32 [B, T, Hq, hd], updated cache)."""
+        over everything visible; returns (float32 [B, T, Hq, hd], updated cache).
+        ``next_query``: layer+1's query predicted from this layer's input, when asked for."""
+
+    def wants_next_query(self, layer: int) -> bool:
+        """Whether ``layer`` needs a query predicted at ``layer - 1`` (static)."""
 
     def advance(self, num_tokens: int) -> "KVCache":
         """Mark ``num_tokens`` more slots as written (called once per step, after all layers)."""
@@ -37,15 +43,15 @@ class CacheConfig(Protocol):
     full-precision :class:`DenseKVCache` (as TailorKV prescribes); ``after_prefill`` turns that
     into the decode-time cache. Implementations are frozen dataclasses (static under jit)."""
 
-    def after_prefill(self, cfg: ModelConfig, cache: "DenseKVCache") -> KVCache:
-        ...
+    def after_prefill(self, cfg: ModelConfig, cache: "DenseKVCache", prompt_len: int) -> KVCache:
+        """``cache`` holds the ``prompt_len`` prompt slots (left-padded); the rest is for decoding."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseCacheConfig:
     """Decode on the preallocated full-precision cache itself."""
 
-    def after_prefill(self, cfg: ModelConfig, cache: "DenseKVCache") -> "DenseKVCache":
+    def after_prefill(self, cfg: ModelConfig, cache: "DenseKVCache", prompt_len: int) -> "DenseKVCache":
         return cache
 
 
@@ -79,7 +85,10 @@ class DenseKVCache:
     def positions(self, num_tokens: int) -> jax.Array:
         return self.length + jnp.arange(num_tokens)[None, :] - self.start[:, None]
 
-    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, "DenseKVCache"]:
+    def wants_next_query(self, layer: int) -> bool:
+        return False
+
+    def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "DenseKVCache"]:
         at = (0, 0, self.length, 0)
         ks = jax.lax.dynamic_update_slice(self.k[layer], k.swapaxes(1, 2).astype(self.k[layer].dtype), at)
         vs = jax.lax.dynamic_update_slice(self.v[layer], v.swapaxes(1, 2).astype(self.v[layer].dtype), at)

@@ -96,6 +96,20 @@ def _diagnose(args: argparse.Namespace) -> None:
     print(f"plot: {plot_diagnostics(continuity, connectivity, Path(args.out) / 'diagnostics.png')}")
 
 
+def _profile_layers(args: argparse.Namespace) -> None:
+    from dami_jax.assets import smollm2_checkpoint
+    from dami_jax.profiling import PROFILE_FILE, format_profile, plot_profile, profile_checkpoint
+
+    model = smollm2_checkpoint() if args.model == "smollm2" else args.model
+    started = time.perf_counter()
+    profile = profile_checkpoint(model, tau=args.tau, max_tokens=args.max_tokens, alpha=args.alpha, last_q=args.last_q)
+    elapsed = time.perf_counter() - started
+    print(format_profile(profile))
+    out = Path(args.out)
+    print(f"profile: {profile.save(out / PROFILE_FILE)}\nplot: {plot_profile(profile, out / 'layer_profile.png')}")
+    print(f"{profile.num_tokens} calibration tokens in {elapsed:.1f} s (loading and compilation included)")
+
+
 def _add_pair_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruct", help="Instruct (System 1) HF folder; default: the embedded toy pair")
     parser.add_argument("--thinking", help="Thinking (System 2) HF folder")
@@ -133,6 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     _add_pair_args(diag)
     diag.add_argument("--delta", type=float, default=0.05, help="lambda step for CKA(theta(lam), theta(lam+delta))")
     diag.set_defaults(run=_diagnose)
+
+    prof = sub.add_parser("profile-layers", help="TailorKV: score each layer's attention density, split dense/sparse")
+    prof.add_argument("model", help="HF checkpoint folder, or 'smollm2' for the pinned SmolLM2-135M-Instruct")
+    prof.add_argument("--tau", type=float, default=0.2, help="score above which a layer is dense (quantized)")
+    prof.add_argument("--max-tokens", type=int, default=2048, help="calibration prompt length (GSM8K few-shot)")
+    prof.add_argument("--alpha", type=float, default=0.05, help="top fraction of keys kept per query")
+    prof.add_argument("--last-q", type=int, default=32, help="queries scored, from the prompt's end")
+    prof.add_argument("--out", default="runs/layer-profile", help="output folder (layer_profile.json + plot)")
+    prof.set_defaults(run=_profile_layers)
     args = parser.parse_args(argv)
     args.run(args)
 

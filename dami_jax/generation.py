@@ -168,7 +168,7 @@ def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, m
     batch = tokens.shape[0]
     dense = DenseKVCache.create(cfg, start, cache_size, params["embed"].dtype)
     last_hidden, dense = prefill(params, cfg, tokens, dense)
-    cache = cache_config.after_prefill(cfg, dense)
+    cache = cache_config.after_prefill(cfg, dense, tokens.shape[1])
     out = Generation(
         tokens=jnp.full((batch, max_new_tokens), cfg.pad_token_id, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),

@@ -38,16 +38,23 @@ def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def project_q(p: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Normed input x [B, T, D] -> rotated queries [B, T, Hq, hd]."""
+    b, t, _ = x.shape
+    q = dense(x, p["q"], p.get("q_bias")).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+    return rope(q, positions, cfg)
+
+
 def qkv(p: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Normed input x [B, T, D] -> q [B, T, Hq, hd], k, v [B, T, Hkv, hd]; q and k rotated."""
     b, t, _ = x.shape
-    q = dense(x, p["q"], p.get("q_bias")).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = dense(x, p["k"], p.get("k_bias")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = dense(x, p["v"], p.get("v_bias")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    return rope(q, positions, cfg), rope(k, positions, cfg), v
+    return project_q(p, cfg, x, positions), rope(k, positions, cfg), v
 
 
 def mlp(p: Params, x: jax.Array) -> jax.Array:
@@ -55,15 +62,27 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
 
 
 def block(
-    p: Params, cfg: ModelConfig, h: jax.Array, positions: jax.Array, layer: int, cache: KVCache | None
+    p: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    positions: jax.Array,
+    layer: int,
+    cache: KVCache | None,
+    next_attn: Params | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """One pre-norm transformer layer on the residual stream h float32 [B, T, D]."""
+    """One pre-norm transformer layer on the residual stream h float32 [B, T, D].
+
+    ``next_attn`` (the next layer's attention params) asks for a predicted next-layer query,
+    computed from this layer's normed input and handed to the cache (TailorKV's lookahead).
+    """
     b, t, _ = h.shape
-    q, k, v = qkv(p["attn"], cfg, rms_norm(h, p["attn_norm"], cfg.rms_norm_eps), positions)
+    x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = qkv(p["attn"], cfg, x, positions)
     if cache is None:
         out = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), causal_mask(b, t))
     else:
-        out, cache = cache.attend(layer, q, k, v)
+        next_query = None if next_attn is None else project_q(next_attn, cfg, x, positions)
+        out, cache = cache.attend(layer, q, k, v, next_query=next_query)
     h = h + dense(out.reshape(b, t, -1), p["attn"]["o"], p["attn"].get("o_bias"))
     return h + mlp(p["mlp"], rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)), cache
 
@@ -77,8 +96,10 @@ def decoder(
     """
     h, cache = embed(params, tokens), cache
     positions = causal_positions(tokens) if cache is None else cache.positions(tokens.shape[1])
-    for i, layer in enumerate(params["layers"]):
-        h, cache = block(layer, cfg, h, positions, i, cache)
+    layers = params["layers"]
+    for i, layer in enumerate(layers):
+        lookahead = cache is not None and i + 1 < len(layers) and cache.wants_next_query(i + 1)
+        h, cache = block(layer, cfg, h, positions, i, cache, layers[i + 1]["attn"] if lookahead else None)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     return h, (None if cache is None else cache.advance(tokens.shape[1]))
 
