@@ -72,25 +72,13 @@ def _stop_table(stop_tokens, batch: int, default: tuple[int, ...]) -> np.ndarray
     return table
 
 
-def generate(
-    params: Params,
-    cfg: ModelConfig,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int = 128,
-    sampling: Sampling = GREEDY,
-    key: jax.Array | None = None,
-    stop_tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
-    cache_size: int | None = None,
-    cache: CacheConfig = DenseCacheConfig(),
-) -> Generation:
-    """Generate up to ``max_new_tokens`` for each prompt (token-id lists of any lengths).
+def prepare_prompts(
+    prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int, cache_size: int | None = None
+) -> tuple[jax.Array, jax.Array, int]:
+    """Validate and left-pad prompts: (tokens int32 [B, P], start int32 [B], cache_size).
 
-    ``stop_tokens`` defaults to the checkpoint's EOS ids; pass per-row lists to stop rows on
-    different tokens, or ``[]`` to never stop early. ``key`` is required when sampling.
-    ``cache_size`` bounds prompt + generated tokens (default: just enough). ``cache`` chooses the
-    decode-time cache (e.g. ``TailorKVConfig``); prompts longer than ``PREFILL_CHUNK`` are
-    prefilled chunk by chunk.
+    P is the longest prompt rounded up to ``PROMPT_BUCKET`` (or ``PREFILL_CHUNK`` for long
+    prompts), so that nearby lengths share one compilation.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: need at least one prompt, and every prompt needs at least one token")
@@ -119,14 +107,38 @@ def generate(
         if padded + max_new_tokens > cache_size:
             raise ValueError(f"cache_size={cache_size}: prompts longer than {PREFILL_CHUNK} tokens are padded to "
                              f"{padded}, which with max_new_tokens={max_new_tokens} does not fit")  # fmt: skip
+    tokens, start = _left_pad(prompts, padded, cfg.pad_token_id)
+    return jnp.asarray(tokens), jnp.asarray(start), cache_size
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: Sampling = GREEDY,
+    key: jax.Array | None = None,
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    cache_size: int | None = None,
+    cache: CacheConfig = DenseCacheConfig(),
+) -> Generation:
+    """Generate up to ``max_new_tokens`` for each prompt (token-id lists of any lengths).
+
+    ``stop_tokens`` defaults to the checkpoint's EOS ids; pass per-row lists to stop rows on
+    different tokens, or ``[]`` to never stop early. ``key`` is required when sampling.
+    ``cache_size`` bounds prompt + generated tokens (default: just enough). ``cache`` chooses the
+    decode-time cache (e.g. ``TailorKVConfig``); prompts longer than ``PREFILL_CHUNK`` are
+    prefilled chunk by chunk.
+    """
+    tokens, start, cache_size = prepare_prompts(prompts, cfg, max_new_tokens, cache_size)
     if sampling.greedy:
         key = jax.random.key(0) if key is None else key
     elif key is None:
         raise ValueError("key: sampling with temperature > 0 needs an explicit PRNG key (jax.random.key(seed))")
-    tokens, start = _left_pad(prompts, padded, cfg.pad_token_id)
     stop = _stop_table(stop_tokens, len(prompts), cfg.eos_token_ids)
     return _generate(
-        params, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(stop), key,
+        params, tokens, start, jnp.asarray(stop), key,
         cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, cache_size=cache_size, cache_config=cache,
     )  # fmt: skip
 
@@ -163,19 +175,37 @@ def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache)
     return last[-1], cache
 
 
+def start_decoding(params, cfg: ModelConfig, tokens, start, cache_size: int, cache_config: CacheConfig) -> tuple[jax.Array, KVCache]:
+    """Prefill on a dense cache, then convert it: (next-token logits float32 [B, V], decode cache)."""
+    dense = DenseKVCache.create(cfg, start, cache_size, params["embed"].dtype)
+    last_hidden, dense = prefill(params, cfg, tokens, dense)
+    return lm_logits(params, last_hidden), cache_config.after_prefill(cfg, dense, tokens.shape[1])
+
+
+def decode_step(params, cfg: ModelConfig, token: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row, int32 [B] -> (next-token logits float32 [B, V], cache)."""
+    hidden, cache = decoder(params, cfg, token[:, None], cache)
+    return lm_logits(params, hidden[:, 0]), cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "cache_size", "cache_config"))
+def build_cache(params, tokens, start, *, cfg: ModelConfig, cache_size: int, cache_config: CacheConfig = DenseCacheConfig()):
+    """:func:`start_decoding` jitted on its own (from :func:`prepare_prompts`' output): to inspect
+    a cache (bytes, memory kinds) or to time :func:`decode_step` in benchmarks."""
+    return start_decoding(params, cfg, tokens, start, cache_size, cache_config)
+
+
 @partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "cache_size", "cache_config"))
 def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, max_new_tokens, cache_size, cache_config) -> Generation:
     batch = tokens.shape[0]
-    dense = DenseKVCache.create(cfg, start, cache_size, params["embed"].dtype)
-    last_hidden, dense = prefill(params, cfg, tokens, dense)
-    cache = cache_config.after_prefill(cfg, dense, tokens.shape[1])
+    logits, cache = start_decoding(params, cfg, tokens, start, cache_size, cache_config)
     out = Generation(
         tokens=jnp.full((batch, max_new_tokens), cfg.pad_token_id, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
         logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
     )
     loop = _Loop(
-        step=jnp.zeros((), jnp.int32), logits=lm_logits(params, last_hidden), cache=cache, key=key,
+        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, key=key,
         out=out, done=jnp.zeros((batch,), bool),
     )  # fmt: skip
     loop = _record(loop, stop, sampling, cfg.pad_token_id)
@@ -184,9 +214,8 @@ def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, m
         return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
 
     def step(loop: _Loop) -> _Loop:
-        last = loop.out.tokens[:, loop.step - 1]
-        hidden, cache = decoder(params, cfg, last[:, None], loop.cache)
-        loop = loop.replace(logits=lm_logits(params, hidden[:, 0]), cache=cache)
+        logits, cache = decode_step(params, cfg, loop.out.tokens[:, loop.step - 1], loop.cache)
+        loop = loop.replace(logits=logits, cache=cache)
         return _record(loop, stop, sampling, cfg.pad_token_id)
 
     return jax.lax.while_loop(keep_going, step, loop).out
