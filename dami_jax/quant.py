@@ -144,7 +144,12 @@ class QuantizedKeys:
         cls, batch: int, heads: int, tokens: int, head_dim: int, bits: int, group: int, scale_dtype=jnp.float16
     ) -> "QuantizedKeys":
         """An all-zero store of ``tokens`` slots (a multiple of ``group``), to preallocate a cache."""
-        return quantize_keys(jnp.zeros((batch, heads, tokens, head_dim), jnp.float32), bits, group, scale_dtype)
+        _check_bits_group(bits, group)
+        if tokens % group:
+            raise ValueError(f"tokens={tokens} must be a multiple of group={group}")
+        words = -(-tokens // codes_per_word(bits))
+        scales = jnp.zeros((batch, heads, tokens // group, head_dim), scale_dtype)
+        return cls(jnp.zeros((batch, heads, words, head_dim), jnp.uint32), scales, scales, bits=bits, group=group)
 
     def update(self, new: "QuantizedKeys", start: jax.Array | int) -> "QuantizedKeys":
         """Write ``new`` at token ``start`` (a multiple of ``group``; may be traced).
@@ -203,7 +208,10 @@ class QuantizedValues:
         cls, batch: int, heads: int, tokens: int, head_dim: int, bits: int, group: int, scale_dtype=jnp.float16
     ) -> "QuantizedValues":
         """An all-zero store of ``tokens`` slots, to preallocate a cache."""
-        return quantize_values(jnp.zeros((batch, heads, tokens, head_dim), jnp.float32), bits, group, scale_dtype)
+        check_quant_config(bits, group, head_dim)
+        words = -(-head_dim // codes_per_word(bits))
+        scales = jnp.zeros((batch, heads, tokens, head_dim // group), scale_dtype)
+        return cls(jnp.zeros((batch, heads, tokens, words), jnp.uint32), scales, scales, bits=bits, group=group)
 
     def update(self, new: "QuantizedValues", start: jax.Array | int) -> "QuantizedValues":
         """Write ``new`` (any number of tokens) at token ``start`` (may be traced)."""
