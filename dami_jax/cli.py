@@ -110,6 +110,24 @@ def _profile_layers(args: argparse.Namespace) -> None:
     print(f"{profile.num_tokens} calibration tokens in {elapsed:.1f} s (loading and compilation included)")
 
 
+def _niah(args: argparse.Namespace) -> None:
+    from dami_jax.assets import smollm2_checkpoint
+    from dami_jax.niah import SMOLLM2_QUANTIZED_LAYERS, run_niah
+
+    model = smollm2_checkpoint() if args.model == "smollm2" else args.model
+    layers = args.quantized_layers
+    if layers is None and args.model == "smollm2":
+        layers = SMOLLM2_QUANTIZED_LAYERS
+    started = time.perf_counter()
+    run_niah(
+        model, lengths=args.lengths, depths=args.depths, configs=args.configs, out_dir=args.out,
+        max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens, seed=args.seed, quantized_layers=layers,
+        torch_threads=args.torch_threads,
+    )  # fmt: skip
+    out = Path(args.out)
+    print(f"records: {out / 'niah.jsonl'}\nheat map: {out / 'niah.png'}\n{time.perf_counter() - started:.0f} s wall")
+
+
 def _add_pair_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruct", help="Instruct (System 1) HF folder; default: the embedded toy pair")
     parser.add_argument("--thinking", help="Thinking (System 2) HF folder")
@@ -156,6 +174,21 @@ def main(argv: list[str] | None = None) -> None:
     prof.add_argument("--last-q", type=int, default=32, help="queries scored, from the prompt's end")
     prof.add_argument("--out", default="runs/layer-profile", help="output folder (layer_profile.json + plot)")
     prof.set_defaults(run=_profile_layers)
+
+    niah = sub.add_parser("niah", help="needle in a haystack: accuracy, agreement and KL of KV caches vs dense")
+    niah.add_argument("--model", default="smollm2", help="HF folder, or 'smollm2' (pinned SmolLM2-135M-Instruct)")
+    niah.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths (tokens)")
+    niah.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths (0-1)")
+    niah.add_argument("--configs", nargs="+", default=["dense", "TailorKV-1", "TailorKV-2", "quanto-2", "quanto-4"],
+                      help="caches: dense, TailorKV-1, TailorKV-2, quanto-2, quanto-4")  # fmt: skip
+    niah.add_argument("--quantized-layers", type=int, nargs="*", default=None,
+                      help="TailorKV's quantized layers (default: (0, 1, 2) for smollm2, else the model's profile)")
+    niah.add_argument("--max-new-tokens", type=int, default=32, help="answer length for accuracy")
+    niah.add_argument("--kl-tokens", type=int, default=64, help="greedy tokens compared with dense (agreement, KL)")
+    niah.add_argument("--seed", type=int, default=0)
+    niah.add_argument("--torch-threads", type=int, default=None, help="torch threads for the quanto configs")
+    niah.add_argument("--out", default="runs/niah", help="output folder (niah.jsonl, summary.txt, niah.png)")
+    niah.set_defaults(run=_niah)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -13,7 +13,7 @@ class SweepPoint:
     lam: float
     accuracy: float  # fraction correct
     mean_tokens: float  # mean generated tokens (the cost axis)
-    think_rate: float  # fraction of responses whose think block was closed
+    think_rate: float  # fraction of responses that wrote a non-empty, closed think block
     n: int
 
 
@@ -30,7 +30,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[SweepPoint]:
                 lam=lam,
                 accuracy=sum(r["correct"] for r in rs) / len(rs),
                 mean_tokens=sum(r["output_tokens"] for r in rs) / len(rs),
-                think_rate=sum(r["think_closed"] for r in rs) / len(rs),
+                think_rate=sum(r["thought_chars"] > 0 for r in rs) / len(rs),
                 n=len(rs),
             )
         )

@@ -79,3 +79,15 @@ def think_status(prompt_text_tail: str, response: str) -> tuple[bool, bool]:
     opened = prompt_opens_think(prompt_text_tail) or THINK_OPEN in response or THINK_CLOSE in response
     closed = opened and response.rfind(THINK_CLOSE) > response.rfind(THINK_OPEN)
     return opened, closed
+
+
+def thought(response: str) -> str:
+    """The reasoning of a response's last closed think block (the text between its ``<think>``,
+    or the response start when the template opened it, and ``</think>``); empty if none closed.
+    An Instruct-like model under the Thinking template closes the block at once: an empty
+    thought, which is why think rates count non-empty thoughts."""
+    close = response.rfind(THINK_CLOSE)
+    if close < 0:
+        return ""
+    start = response.rfind(THINK_OPEN, 0, close)
+    return response[start + len(THINK_OPEN) if start >= 0 else 0 : close].strip()

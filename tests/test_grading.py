@@ -19,6 +19,7 @@ from dami_jax.prompts import (
     prompt_text,
     prompt_tokens,
     think_status,
+    thought,
 )
 
 # (response, gold, expected): real answer shapes from MATH-500, AIME, GSM8K, CNMO and the toy pair.
@@ -296,3 +297,18 @@ def test_think_status(tail: str, response: str, expected: tuple[bool, bool]) -> 
     assert think_status(tail, response) == expected
     opened, closed = expected
     assert (extract_answer(response, think_opened=opened) is None) == (opened and not closed)
+
+
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("step 1\nstep 2\n</think>\n\nAnswer: 5", "step 1\nstep 2"),  # template opened the block
+        ("\n</think>\n\nAnswer: 5", ""),  # Instruct-like: closed at once, no thought
+        ("<think>hmm</think>Answer: 5", "hmm"),
+        ("<think>a</think>x<think>b</think>y", "b"),  # the last block
+        ("still thinking", ""),  # never closed
+        ("Answer: 5", ""),
+    ],
+)
+def test_thought(response: str, expected: str) -> None:
+    assert thought(response) == expected

@@ -69,7 +69,7 @@ def test_interrupted_sweep_resumes_without_redoing_work(tiny_pair, tmp_path, mon
 def test_records_table_and_frontier(tiny_pair, tmp_path):
     records = run_sweep(tiny_pair, toy_problems(n_per_level=1)[:2], tmp_path / "r.jsonl", CONFIG)
     for r in records:
-        assert set(r) >= {"lambda", "id", "response", "correct", "output_tokens", "think_opened", "think_closed"}
+        assert set(r) >= {"lambda", "id", "response", "correct", "output_tokens", "think_opened", "think_closed", "thought_chars"}
         assert 1 <= r["output_tokens"] <= CONFIG.max_new_tokens
         assert r["think_opened"]  # the thinking template opens the block at every lambda
     points = summarize(records)
