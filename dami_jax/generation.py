@@ -5,8 +5,9 @@ The loop state is an immutable pytree; nothing returns to Python between tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -131,16 +132,76 @@ def generate(
     decode-time cache (e.g. ``TailorKVConfig``); prompts longer than ``PREFILL_CHUNK`` are
     prefilled chunk by chunk.
     """
+    inputs = _inputs(cfg, prompts, max_new_tokens, sampling, key, stop_tokens, cache_size)
+    return _generate(params, *inputs.arrays, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens,
+                     cache_size=inputs.cache_size, cache_config=cache)  # fmt: skip
+
+
+def stream_tokens(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: Sampling = GREEDY,
+    key: jax.Array | None = None,
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    cache_size: int | None = None,
+    cache: CacheConfig = DenseCacheConfig(),
+) -> Iterator[np.ndarray]:
+    """:func:`generate` one token at a time, for interactive use (arguments as there): yields
+    int32 [B] per step, each row's new token or ``-1`` once the row has stopped. Same tokens as
+    :func:`generate` with the same key, but control returns to Python between tokens."""
+    inputs = _inputs(cfg, prompts, max_new_tokens, sampling, key, stop_tokens, cache_size)
+    loop = _start_jit(params, *inputs.arrays, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens,
+                      cache_size=inputs.cache_size, cache_config=cache)  # fmt: skip
+    while True:
+        step = int(loop.step)
+        written = np.asarray(loop.out.lengths) >= step  # rows still running at this step
+        yield np.where(written, np.asarray(loop.out.tokens[:, step - 1]), -1).astype(np.int32)
+        if not bool(_unfinished(loop)):
+            return
+        loop = _advance_jit(params, loop, inputs.stop, cfg=cfg, sampling=sampling)
+
+
+def stream_text(params: Params, cfg: ModelConfig, tokenizer, prompt: Sequence[int], **kwargs: Any) -> Iterator[str]:
+    """Stream one prompt's answer as text pieces (``for piece in stream_text(...): print(piece,
+    end="")``). Special tokens are skipped; a piece is held back while it ends inside a multi-byte
+    character. ``kwargs`` go to :func:`stream_tokens`."""
+    ids: list[int] = []
+    shown = ""
+    for (token,) in stream_tokens(params, cfg, [prompt], **kwargs):
+        if token < 0:
+            break
+        ids.append(int(token))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if len(text) > len(shown) and not text.endswith("\ufffd"):
+            yield text[len(shown) :]
+            shown = text
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    tokens: jax.Array  # int32 [B, P], left-padded
+    start: jax.Array  # int32 [B]: first real token per row
+    stop: jax.Array  # int32 [B, K]: stop ids per row, NO_STOP-padded
+    key: jax.Array
+    cache_size: int
+
+    @property
+    def arrays(self) -> tuple[jax.Array, ...]:
+        return self.tokens, self.start, self.stop, self.key
+
+
+def _inputs(cfg, prompts, max_new_tokens, sampling, key, stop_tokens, cache_size) -> _Inputs:
+    """Validated, padded device inputs shared by :func:`generate` and :func:`stream_tokens`."""
     tokens, start, cache_size = prepare_prompts(prompts, cfg, max_new_tokens, cache_size)
     if sampling.greedy:
         key = jax.random.key(0) if key is None else key
     elif key is None:
         raise ValueError("key: sampling with temperature > 0 needs an explicit PRNG key (jax.random.key(seed))")
     stop = _stop_table(stop_tokens, len(prompts), cfg.eos_token_ids)
-    return _generate(
-        params, tokens, start, jnp.asarray(stop), key,
-        cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, cache_size=cache_size, cache_config=cache,
-    )  # fmt: skip
+    return _Inputs(tokens, start, jnp.asarray(stop), key, cache_size)
 
 
 def _record(loop: _Loop, stop: jax.Array, sampling: Sampling, pad_id: int) -> _Loop:
@@ -195,8 +256,8 @@ def build_cache(params, tokens, start, *, cfg: ModelConfig, cache_size: int, cac
     return start_decoding(params, cfg, tokens, start, cache_size, cache_config)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "cache_size", "cache_config"))
-def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, max_new_tokens, cache_size, cache_config) -> Generation:
+def _start(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, max_new_tokens, cache_size, cache_config) -> _Loop:
+    """Prefill and pick the first token: the loop state before the first decode step."""
     batch = tokens.shape[0]
     logits, cache = start_decoding(params, cfg, tokens, start, cache_size, cache_config)
     out = Generation(
@@ -208,14 +269,27 @@ def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, m
         step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, key=key,
         out=out, done=jnp.zeros((batch,), bool),
     )  # fmt: skip
-    loop = _record(loop, stop, sampling, cfg.pad_token_id)
+    return _record(loop, stop, sampling, cfg.pad_token_id)
 
-    def keep_going(loop: _Loop):
-        return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
 
-    def step(loop: _Loop) -> _Loop:
-        logits, cache = decode_step(params, cfg, loop.out.tokens[:, loop.step - 1], loop.cache)
-        loop = loop.replace(logits=logits, cache=cache)
-        return _record(loop, stop, sampling, cfg.pad_token_id)
+def _advance(params, loop: _Loop, stop, *, cfg: ModelConfig, sampling) -> _Loop:
+    """One decode step: feed the last token, pick the next."""
+    logits, cache = decode_step(params, cfg, loop.out.tokens[:, loop.step - 1], loop.cache)
+    return _record(loop.replace(logits=logits, cache=cache), stop, sampling, cfg.pad_token_id)
 
-    return jax.lax.while_loop(keep_going, step, loop).out
+
+def _unfinished(loop: _Loop) -> jax.Array:
+    return (loop.step < loop.out.tokens.shape[1]) & ~jnp.all(loop.done)
+
+
+@partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "cache_size", "cache_config"))
+def _generate(params, tokens, start, stop, key, *, cfg: ModelConfig, sampling, max_new_tokens, cache_size, cache_config) -> Generation:
+    loop = _start(params, tokens, start, stop, key, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens,
+                  cache_size=cache_size, cache_config=cache_config)  # fmt: skip
+    return jax.lax.while_loop(_unfinished, lambda loop: _advance(params, loop, stop, cfg=cfg, sampling=sampling), loop).out
+
+
+# Streaming runs the same two pieces as separate jitted calls; the loop state is donated, so a
+# step updates the cache in place rather than copying it.
+_start_jit = jax.jit(_start, static_argnames=("cfg", "sampling", "max_new_tokens", "cache_size", "cache_config"))
+_advance_jit = jax.jit(_advance, static_argnames=("cfg", "sampling"), donate_argnames=("loop",))

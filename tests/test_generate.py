@@ -320,3 +320,41 @@ def test_chunked_prefill_matches_one_shot(monkeypatch):
     generation._generate.clear_cache()
     np.testing.assert_array_equal(chunked.tokens, one_shot.tokens)
     np.testing.assert_allclose(chunked.logprobs, one_shot.logprobs, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_stream_tokens_match_generate(model, unstopped):
+    cfg, params = model
+    full = unstopped.token_lists()
+    i1, t1 = first_new_at(full[1], 4)
+    stop = [[], [t1]]  # row 1 stops early, row 0 runs to the end
+    steps = np.stack(list(dj.stream_tokens(params, cfg, PROMPTS, max_new_tokens=16, stop_tokens=stop)))
+    assert steps.shape == (16, 2)
+    assert steps[:, 0].tolist() == full[0]
+    assert steps[: i1 + 1, 1].tolist() == full[1][: i1 + 1] and (steps[i1 + 1 :, 1] == -1).all()
+    sampling, key = Sampling(temperature=1.0, top_k=20), jax.random.key(7)
+    sampled = dj.generate(params, cfg, PROMPTS, max_new_tokens=12, sampling=sampling, key=key, stop_tokens=[])
+    streamed = np.stack(list(dj.stream_tokens(params, cfg, PROMPTS, max_new_tokens=12, sampling=sampling, key=key, stop_tokens=[])))
+    np.testing.assert_array_equal(streamed.T, np.asarray(sampled.tokens))
+
+
+def test_stream_stops_when_every_row_is_done(model, unstopped):
+    cfg, params = model
+    first = [row[0] for row in unstopped.token_lists()]
+    steps = list(dj.stream_tokens(params, cfg, PROMPTS, max_new_tokens=16, stop_tokens=[[first[0]], [first[1]]]))
+    assert len(steps) == 1 and steps[0].tolist() == first
+
+
+def test_stream_text_pieces_add_up_to_the_decoded_answer():
+    from dami_jax.pair import load_toy_pair
+    from dami_jax.prompts import prompt_tokens
+
+    pair = load_toy_pair()
+    tokenizer = pair.tokenizers["thinking"]
+    prompt = prompt_tokens(tokenizer, "a=37, b=a+9, c=b*2. c=?", style="toy")
+    pieces = list(dj.stream_text(pair.thinking, pair.cfg, tokenizer, prompt, max_new_tokens=64))
+    expected = dj.generate(pair.thinking, pair.cfg, [prompt], max_new_tokens=64).token_lists()[0]
+    assert len(pieces) > 5 and "".join(pieces) == tokenizer.decode(expected, skip_special_tokens=True)
+    assert "".join(pieces).endswith("Answer: 92")

@@ -120,3 +120,10 @@ def test_channel_importance_uses_group_mean_query_times_key_range():
     assert chosen[0, 0, 0] == 3 and chosen[0, 1, 0] == 5
     query = query.at[0, 0, 0, 6].set(0.1)  # tiny query, huge key range: wins for kv head 0
     assert np.asarray(select_channels(query, k_absmax, 1))[0, 0, 0] == 6
+
+
+def test_streaming_with_a_tailorkv_cache_matches_generate():
+    rows = prompts(300, 200)
+    config = TailorKVConfig(bits=2, budget=128, sink=8, recent=56, quantized_layers=(0,))
+    streamed = np.stack(list(dj.stream_tokens(PARAMS, CFG, rows, max_new_tokens=12, stop_tokens=[], cache=config)))
+    np.testing.assert_array_equal(streamed.T, np.asarray(run(config, rows, new=12).tokens))
