@@ -80,9 +80,9 @@ def plot_frontier(points: Sequence[SweepPoint], path: str | Path, title: str = "
     fig, ax = plt.subplots(figsize=(6, 4.2))
     xs, ys = [p.mean_tokens for p in points], [100 * p.accuracy for p in points]
     scatter = ax.scatter(xs, ys, c=[p.lam for p in points], cmap="viridis", zorder=3)
-    for p, x, y in zip(points, xs, ys):
-        ax.annotate(f"{p.lam:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
     frontier = pareto_frontier(points)
+    for p in _labelled(points, frontier):
+        ax.annotate(f"{p.lam:g}", (p.mean_tokens, 100 * p.accuracy), textcoords="offset points", xytext=(6, -3), fontsize=8)
     ax.plot([p.mean_tokens for p in frontier], [100 * p.accuracy for p in frontier], "--", color="gray", zorder=2, label="Pareto frontier")
     fig.colorbar(scatter, ax=ax, label="lambda (0 = Instruct, 1 = Thinking)")
     ax.set_xlabel("mean generated tokens")
@@ -96,3 +96,16 @@ def plot_frontier(points: Sequence[SweepPoint], path: str | Path, title: str = "
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _labelled(points: Sequence[SweepPoint], frontier: Sequence[SweepPoint], spacing: float = 0.05) -> list[SweepPoint]:
+    """Points that get a lambda label: frontier points first, then the rest, skipping any within
+    ``spacing`` (fraction of each axis' range) of a label already placed: the colour bar tells
+    the lambda of crowded dots without labels printed over each other."""
+    x_range = (max(p.mean_tokens for p in points) - min(p.mean_tokens for p in points)) or 1.0
+    y_range = (max(p.accuracy for p in points) - min(p.accuracy for p in points)) or 1.0
+    placed: list[SweepPoint] = []
+    for p in [*frontier, *(q for q in points if q not in frontier)]:
+        if all(abs(p.mean_tokens - q.mean_tokens) / x_range > spacing or abs(p.accuracy - q.accuracy) / y_range > spacing for q in placed):
+            placed.append(p)
+    return placed

@@ -88,6 +88,16 @@ def test_frontier_shape_is_measured_not_assumed():
     assert frontier_shape(falling)["monotonic_in_lambda"] is False
 
 
+def test_crowded_points_are_labelled_once_frontier_first():
+    from dami_jax.frontier import _labelled
+
+    # lambdas 0.6..1.0 sit on top of each other at the thinking end; 0.9 is the frontier's best
+    pts = [SweepPoint(0.0, 0.3, 13, 0, 60), SweepPoint(0.4, 0.75, 40, 0.6, 60)]
+    pts += [SweepPoint(lam, acc, 47.2, 1, 60) for lam, acc in ((0.6, 0.967), (0.7, 0.967), (0.8, 0.983), (0.9, 1.0), (1.0, 1.0))]
+    labelled = [p.lam for p in _labelled(pts, pareto_frontier(pts))]
+    assert labelled == [0.0, 0.4, 0.9]
+
+
 def test_bad_sweep_config():
     with pytest.raises(ValueError, match="template"):
         SweepConfig(template="both")
