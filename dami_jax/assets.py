@@ -55,7 +55,8 @@ def smollm2_gguf() -> Path:
 
 def smollm2_checkpoint() -> Path:
     """An HF folder converted from :func:`smollm2_gguf`, converted once and cached."""
-    out = cache_dir() / f"smollm2-135m-instruct-{SMOLLM2_SHA256[:12]}"
+    # Named as on the hub, so that name-keyed lookups (profiling.BUILTIN_SPLITS) recognise it.
+    out = cache_dir() / f"smollm2-{SMOLLM2_SHA256[:12]}" / "SmolLM2-135M-Instruct"
     if not (out / "model.safetensors").is_file():
         from filelock import FileLock
 

@@ -9,14 +9,20 @@ from pathlib import Path
 import jax
 
 
-def _generate(args: argparse.Namespace) -> None:
+def _model_path(model: str) -> Path | str:
+    """'smollm2' names the pinned SmolLM2-135M-Instruct (converted once, cached); else an HF folder."""
     from dami_jax.assets import smollm2_checkpoint
+
+    return smollm2_checkpoint() if model == "smollm2" else model
+
+
+def _generate(args: argparse.Namespace) -> None:
     from dami_jax.checkpoint import load_checkpoint
     from dami_jax.generation import generate
     from dami_jax.sampling import Sampling
     from dami_jax.tokenizer import chat_tokens, load_tokenizer
 
-    model = smollm2_checkpoint() if args.model == "smollm2" else args.model
+    model = _model_path(args.model)
     cfg, params = load_checkpoint(model)
     tokenizer = load_tokenizer(model)
     prompts = [chat_tokens(tokenizer, p) if not args.raw else tokenizer.encode(p) for p in args.prompt]
@@ -97,10 +103,9 @@ def _diagnose(args: argparse.Namespace) -> None:
 
 
 def _profile_layers(args: argparse.Namespace) -> None:
-    from dami_jax.assets import smollm2_checkpoint
     from dami_jax.profiling import PROFILE_FILE, format_profile, plot_profile, profile_checkpoint
 
-    model = smollm2_checkpoint() if args.model == "smollm2" else args.model
+    model = _model_path(args.model)
     started = time.perf_counter()
     profile = profile_checkpoint(model, tau=args.tau, max_tokens=args.max_tokens, alpha=args.alpha, last_q=args.last_q)
     elapsed = time.perf_counter() - started
@@ -111,17 +116,13 @@ def _profile_layers(args: argparse.Namespace) -> None:
 
 
 def _niah(args: argparse.Namespace) -> None:
-    from dami_jax.assets import smollm2_checkpoint
-    from dami_jax.niah import SMOLLM2_QUANTIZED_LAYERS, run_niah
+    from dami_jax.niah import run_niah
 
-    model = smollm2_checkpoint() if args.model == "smollm2" else args.model
-    layers = args.quantized_layers
-    if layers is None and args.model == "smollm2":
-        layers = SMOLLM2_QUANTIZED_LAYERS
+    model = _model_path(args.model)
     started = time.perf_counter()
     run_niah(
         model, lengths=args.lengths, depths=args.depths, configs=args.configs, out_dir=args.out,
-        max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens, seed=args.seed, quantized_layers=layers,
+        max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens, seed=args.seed, quantized_layers=args.quantized_layers,
         torch_threads=args.torch_threads,
     )  # fmt: skip
     out = Path(args.out)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     niah.add_argument("--configs", nargs="+", default=["dense", "TailorKV-1", "TailorKV-2", "quanto-2", "quanto-4"],
                       help="caches: dense, TailorKV-1, TailorKV-2, quanto-2, quanto-4")  # fmt: skip
     niah.add_argument("--quantized-layers", type=int, nargs="*", default=None,
-                      help="TailorKV's quantized layers (default: (0, 1, 2) for smollm2, else the model's profile)")
+                      help="TailorKV's quantized layers (default: the model's layer profile or built-in split)")
     niah.add_argument("--max-new-tokens", type=int, default=32, help="answer length for accuracy")
     niah.add_argument("--kl-tokens", type=int, default=64, help="greedy tokens compared with dense (agreement, KL)")
     niah.add_argument("--seed", type=int, default=0)

@@ -155,13 +155,13 @@ def stream_tokens(
     inputs = _inputs(cfg, prompts, max_new_tokens, sampling, key, stop_tokens, cache_size)
     loop = _start_jit(params, *inputs.arrays, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens,
                       cache_size=inputs.cache_size, cache_config=cache)  # fmt: skip
-    while True:
-        step = int(loop.step)
-        written = np.asarray(loop.out.lengths) >= step  # rows still running at this step
-        yield np.where(written, np.asarray(loop.out.tokens[:, step - 1]), -1).astype(np.int32)
-        if not bool(_unfinished(loop)):
+    for step in range(1, max_new_tokens + 1):
+        if step > 1:
+            loop = _advance_jit(params, loop, inputs.stop, cfg=cfg, sampling=sampling)
+        lengths, column, done = jax.device_get((loop.out.lengths, loop.out.tokens[:, step - 1], loop.done))
+        yield np.where(lengths >= step, column, -1).astype(np.int32)  # -1: the row stopped before this step
+        if done.all():
             return
-        loop = _advance_jit(params, loop, inputs.stop, cfg=cfg, sampling=sampling)
 
 
 def stream_text(params: Params, cfg: ModelConfig, tokenizer, prompt: Sequence[int], **kwargs: Any) -> Iterator[str]:

@@ -58,7 +58,6 @@ NOUNS = (
     "teapot", "thunder", "umbrella", "violin", "walrus", "window",
 )  # fmt: skip
 
-SMOLLM2_QUANTIZED_LAYERS = (0, 1, 2)  # `dami-jax profile-layers smollm2` (tau 0.2): dense layers
 DAMI_CONFIGS = ("dense", "TailorKV-1", "TailorKV-2")
 QUANTO_CONFIGS = {"quanto-2": 2, "quanto-4": 4}  # transformers QuantizedCache, optimum-quanto backend
 CONFIG_NAMES = DAMI_CONFIGS + tuple(QUANTO_CONFIGS)

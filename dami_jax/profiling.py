@@ -31,7 +31,8 @@ LAST_Q = 32  # queries scored, from the end of the calibration prompt
 TAU = 0.2  # score above which a layer is dense (quantization-friendly)
 PROFILE_FILE = "layer_profile.json"
 
-# The paper's splits (quantized = dense layers), keyed by normalize_model_name(hub name).
+# Known splits (quantized = dense layers), keyed by normalize_model_name(hub name): the paper's,
+# then ours from `dami-jax profile-layers` (tau 0.2).
 BUILTIN_SPLITS: dict[str, tuple[int, ...]] = {
     "llama318binstruct": (0,),  # meta-llama/Llama-3.1-8B-Instruct
     "metallama318binstruct": (0,),  # its older hub name, Meta-Llama-3.1-8B-Instruct
@@ -40,6 +41,7 @@ BUILTIN_SPLITS: dict[str, tuple[int, ...]] = {
     "yi9b200k": (0, 1),  # 01-ai/Yi-9B-200K
     "mistral7bv03": (0,),  # mistralai/Mistral-7B-v0.3
     "mistral7binstructv03": (0,),  # mistralai/Mistral-7B-Instruct-v0.3
+    "smollm2135minstruct": (0, 1, 2),  # HuggingFaceTB/SmolLM2-135M-Instruct (ours; docs/results.md)
 }
 
 

@@ -24,9 +24,9 @@ import dami_jax as dj
 from dami_jax.assets import smollm2_checkpoint
 from dami_jax.cache import DenseCacheConfig, DenseKVCache
 from dami_jax.generation import decode_step
+from dami_jax.profiling import quantized_layers_for
 from dami_jax.tailorkv import TAILORKV_1, TAILORKV_2, bytes_moved_per_step
 
-SMOLLM2_QUANTIZED_LAYERS = (0, 1, 2)  # `dami-jax profile-layers smollm2` at tau 0.2
 
 
 def device_bytes(cache) -> int:
@@ -107,13 +107,14 @@ def main() -> None:
     cfg, params = dj.load_checkpoint(path, dtype=np.float32)
     # Timing beyond the trained 8k positions is fine: RoPE extrapolates, and quality is not measured here.
     cfg = dataclasses.replace(cfg, max_position_embeddings=max(args.contexts) + 64)
+    layers = quantized_layers_for(path, cfg.num_layers)
     configs = {
         "dense": DenseCacheConfig(),
-        "TailorKV-1": dataclasses.replace(TAILORKV_1, quantized_layers=SMOLLM2_QUANTIZED_LAYERS),
-        "TailorKV-2": dataclasses.replace(TAILORKV_2, quantized_layers=SMOLLM2_QUANTIZED_LAYERS),
+        "TailorKV-1": dataclasses.replace(TAILORKV_1, quantized_layers=layers),
+        "TailorKV-2": dataclasses.replace(TAILORKV_2, quantized_layers=layers),
     }
     print(f"SmolLM2-135M float32, batch 1, jax {jax.__version__} on {jax.devices()[0].platform}; "
-          f"quantized layers {SMOLLM2_QUANTIZED_LAYERS}\n")  # fmt: skip
+          f"quantized layers {layers}\n")  # fmt: skip
     print(f"{'context':>7}  {'cache':<12} {'device KV MB':>12}  {'host KV MB':>10}  {'ms/token':>9}  {'moved/step MB':>13}")
     results = {}
     for context in args.contexts:

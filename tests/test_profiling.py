@@ -148,8 +148,9 @@ def test_quantized_layers_lookup_order_and_error(tmp_path):
     assert quantized_layers_for(folder, 3) == (1, 2)
     with pytest.raises(ValueError, match="3 layers, the model has 32"):
         quantized_layers_for(folder, 32)
+    assert quantized_layers_for("HuggingFaceTB/SmolLM2-135M-Instruct", 30) == (0, 1, 2)  # ours, measured
     with pytest.raises(LookupError, match="dami-jax profile-layers"):
-        quantized_layers_for("HuggingFaceTB/SmolLM2-135M-Instruct", 30)
+        quantized_layers_for("HuggingFaceTB/SmolLM2-360M-Instruct", 32)
 
 
 @pytest.mark.parametrize(
