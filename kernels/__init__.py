@@ -1,5 +1,2 @@
-"""Pallas / jax-triton kernels, installed as ``dami_jax.kernels``.
-
-Each kernel sits behind a pure-jnp reference in the main package and is tested against it.
-GPU-only modules import ``jax_triton`` lazily: it raises ImportError on CPU-only JAX.
-"""
+"""The kernel package, installed as ``dami_jax.kernels`` (never as a top-level ``kernels``: that
+name is taken on PyPI). It holds no kernel yet; the library runs on its pure-jnp code paths."""

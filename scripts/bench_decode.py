@@ -7,15 +7,15 @@ same prompts, greedy, a fixed number of new tokens, float32. Prints tokens/s and
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
 import torch
 
 import dami_jax as dj
-from dami_jax.assets import smollm2_checkpoint
-from dami_jax.tokenizer import chat_tokens, load_tokenizer
+from dami_jax.evals.timing import call_times
+from dami_jax.models.pinned import smollm2_checkpoint
+from dami_jax.models.tokenizer import chat_tokens, load_tokenizer
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -27,16 +27,6 @@ QUESTIONS = [
     "What does a CPU do?",
     "Describe a cat to someone who has never seen one.",
 ]
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation for dami-jax, allocator/threads for torch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -61,8 +51,7 @@ def main() -> None:
         prompts = [chat_tokens(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(batch)]
 
         def ours():
-            out = dj.generate(params, cfg, prompts, max_new_tokens=n, stop_tokens=[])
-            jax.block_until_ready(out.tokens)
+            return dj.generate(params, cfg, prompts, max_new_tokens=n, stop_tokens=[]).tokens
 
         width = max(map(len, prompts))
         ids = torch.full((batch, width), cfg.pad_token_id)
@@ -78,7 +67,7 @@ def main() -> None:
                     pad_token_id=cfg.pad_token_id,
                 )  # fmt: skip
 
-        t_ours, t_theirs = best_time(ours, args.repeats), best_time(theirs, args.repeats)
+        t_ours, t_theirs = min(call_times(ours, args.repeats)), min(call_times(theirs, args.repeats))
         rows.append((batch, batch * n / t_ours, batch * n / t_theirs))
         print(f"batch {batch}: dami-jax {rows[-1][1]:8.1f} tok/s   transformers {rows[-1][2]:8.1f} tok/s")
     print()

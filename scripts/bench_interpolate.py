@@ -8,7 +8,6 @@ projected lambda-switch time for Qwen3-4B in bf16 at the measured bandwidth.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +15,13 @@ import ml_dtypes
 import numpy as np
 
 import dami_jax as dj
-from dami_jax.config import ModelConfig
+from dami_jax.evals.timing import call_times
+from dami_jax.models.config import ModelConfig
 
 # SmolLM2-135M's shapes: big enough to leave the caches, small enough for 2 cores.
 BENCH_CONFIG = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True)  # fmt: skip
 QWEN3_4B_PARAMS = 4.02e9
-
-
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -50,12 +40,12 @@ def main() -> None:
         def switch():
             state["lam"] = 0.37 if state["lam"] != 0.37 else 0.61
             state["theta"] = dj.interpolate(a, b, state["lam"], out=state["theta"])
-            jax.block_until_ready(state["theta"])
+            return state["theta"]
 
         src = np.ones(moved // 2 // np.dtype(np_dtype).itemsize, np_dtype)  # a copy reads and writes: 2x
         dst = np.empty_like(src)
-        t_interp = best(switch, args.repeats)
-        t_copy = best(lambda: np.copyto(dst, src), args.repeats)
+        t_interp = min(call_times(switch, args.repeats))
+        t_copy = min(call_times(lambda: np.copyto(dst, src), args.repeats))
         bw_interp, bw_copy = moved / t_interp, 2 * src.nbytes / t_copy
         results[np.dtype(np_dtype).name] = (bw_interp, bw_copy)
         print(f"{np.dtype(np_dtype).name:>9}: model {model_bytes / 1e6:.0f} MB; interpolate {t_interp * 1e3:.1f} ms "

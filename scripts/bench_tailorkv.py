@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import dami_jax as dj
-from dami_jax.assets import smollm2_checkpoint
-from dami_jax.cache import DenseCacheConfig, DenseKVCache
-from dami_jax.generation import decode_step
-from dami_jax.profiling import quantized_layers_for
-from dami_jax.tailorkv import TAILORKV_1, TAILORKV_2, bytes_moved_per_step
-
+from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache
+from dami_jax.decoding.generation import decode_step
+from dami_jax.evals.timing import call_times
+from dami_jax.models.pinned import smollm2_checkpoint
+from dami_jax.tailorkv.cache import TAILORKV_1, TAILORKV_2, bytes_moved_per_step
+from dami_jax.tailorkv.profiling import quantized_layers_for
 
 
 def device_bytes(cache) -> int:
@@ -46,17 +45,16 @@ def random_dense_cache(cfg, context: int, new_tokens: int) -> DenseKVCache:
 
 
 def time_decode(params, cfg, cache, steps: int) -> float:
+    """Median seconds per decode step (the cache is donated: each step updates it in place)."""
     step = jax.jit(decode_step, static_argnums=1, donate_argnums=3)
     token = jnp.array([42], jnp.int32)
-    logits, cache = step(params, cfg, token, cache)  # compile + warm-up
-    jax.block_until_ready(logits)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        logits, cache = step(params, cfg, token, cache)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    state = {"cache": cache}
+
+    def one_step():
+        logits, state["cache"] = step(params, cfg, token, state["cache"])
+        return logits
+
+    return statistics.median(call_times(one_step, steps))
 
 
 def quanto_row(path: str, context: int, steps: int, nbits: int = 2) -> tuple[float, float]:
@@ -79,14 +77,15 @@ def quanto_row(path: str, context: int, steps: int, nbits: int = 2) -> tuple[flo
             stored += sum(_tensor_bytes(getattr(qtensor, name)) for name in inner)
         stored += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None and t.dim() == 4)
     token = torch.tensor([[42]])
-    times = []
+    positions = iter(range(context, context + steps + 1))
+
+    def one_step():
+        position = torch.tensor([next(positions)])
+        return model(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None], use_cache=True)
+
     with torch.no_grad():
-        for i in range(steps + 1):
-            position = torch.tensor([context + i])
-            started = time.perf_counter()
-            model(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None], use_cache=True)
-            times.append(time.perf_counter() - started)
-    return stored / 1e6, statistics.median(times[1:])
+        times = call_times(one_step, steps)
+    return stored / 1e6, statistics.median(times)
 
 
 def _tensor_bytes(t) -> int:

@@ -6,8 +6,8 @@
 
 import argparse
 
-from dami_jax.assets import smollm2_checkpoint, smollm2_gguf
-from dami_jax.gguf import convert_gguf
+from dami_jax.models.gguf import convert_gguf
+from dami_jax.models.pinned import smollm2_checkpoint, smollm2_gguf
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
-"""Train the embedded toy Instruct/Thinking pair (``dami_jax/toy-pair``).
+"""Train the embedded toy Instruct/Thinking pair (``dami_jax/toy/toy-pair``).
 
     .venv/bin/python scripts/train_toy_pair.py            # full run (13 min on 2 idle CPU cores)
     .venv/bin/python scripts/train_toy_pair.py --quick    # a few minutes, writes runs/toy_pair_quick
 
 Three phases, all next-token cross-entropy on the assistant tokens only, float32, optax AdamW with
-warmup + cosine decay, a jitted step over ``dami_jax.model.decoder`` + ``lm_logits``:
+warmup + cosine decay, a jitted step over ``dami_jax.decoding.scoring.next_token_loss``:
 
 1. **base** from random init on a mixture of the task in both styles after both templates
    (mostly scratchpads after the thinking template's ``<think>\\n`` and direct answers after the
@@ -39,15 +39,18 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dami_jax.dami.interpolation import interpolate
+from dami_jax.decoding.scoring import next_token_loss
+from dami_jax.models.checkpoint import load_checkpoint, save_hf_checkpoint
+from dami_jax.models.config import ModelConfig, RopeConfig
+from dami_jax.models.params import init_params
+from dami_jax.models.tokenizer import load_tokenizer
+from dami_jax.toy import task as toy
+from dami_jax.toy.evaluation import evaluate, summarize_levels
+from dami_jax.toy.pair import PAIR_DIR
+from dami_jax.toy.tokenizer import IM_END, build_tokenizer, prompt_text
 
-from dami_jax import toy  # noqa: E402
-from dami_jax.checkpoint import load_checkpoint, save_hf_checkpoint  # noqa: E402
-from dami_jax.config import ModelConfig, RopeConfig  # noqa: E402
-from dami_jax.model import decoder, lm_logits  # noqa: E402
-from dami_jax.params import init_params  # noqa: E402
-from dami_jax.tokenizer import load_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LEVELS = np.arange(1, toy.MAX_STEPS + 1)
 DIRECT_LEVELS = np.array([4, 2, 1, 1, 1, 1], float)  # one-shot answers to long chains are mostly noise
@@ -152,7 +155,7 @@ class Batches:
         return -(-n // 16) * 16
 
     def _encode(self, problems, part: Part):
-        prompts = [toy.prompt_text(p.question, part.opened) for p in problems]
+        prompts = [prompt_text(p.question, part.opened) for p in problems]
         completions = [toy.completion(p, part.think, part.opened) for p in problems]
         enc = self.tok([a + b for a, b in zip(prompts, completions)], add_special_tokens=False)["input_ids"]
         starts = [len(x) for x in self.tok(prompts, add_special_tokens=False)["input_ids"]]
@@ -169,17 +172,9 @@ def make_optimizer():
     return optax.inject_hyperparams(build)(learning_rate=0.0, weight_decay=0.0)
 
 
-def loss_fn(params, cfg: ModelConfig, tokens, mask):
-    hidden, _ = decoder(params, cfg, tokens[:, :-1])
-    logits = lm_logits(params, hidden)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
-    weights = mask[:, 1:]
-    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-
-
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
 def train_step(cfg: ModelConfig, opt, params, opt_state, tokens, mask):
-    loss, grads = jax.value_and_grad(loss_fn)(params, cfg, tokens, mask)
+    loss, grads = jax.value_and_grad(next_token_loss)(params, cfg, tokens, mask)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -211,10 +206,6 @@ def train_phase(phase: Phase, params, cfg, tokenizer, opt, tokens_per_batch: int
     return params, stats
 
 
-def interpolate(a, b, lam: float):
-    return jax.tree.map(lambda x, y: x + lam * (y - x), a, b)
-
-
 def evaluate_all(folders: dict[str, Path], n_per_level: int, seed: int) -> dict:
     """Reload the written folders and evaluate instruct, thinking and lam=0.5 (both templates)."""
     problems = toy.toy_benchmark(n_per_level, seed=seed)
@@ -233,12 +224,12 @@ def evaluate_all(folders: dict[str, Path], n_per_level: int, seed: int) -> dict:
     }
     out = {}
     for name, (params, tok) in tqdm(runs.items(), desc="    eval", unit="model"):
-        out[name] = toy.summarize(toy.evaluate(params, cfg_i, tok, problems, max_new_tokens=96))
+        out[name] = summarize_levels(evaluate(params, cfg_i, tok, problems, max_new_tokens=96))
     grid = {}
     for lam in tqdm(LAMBDA_GRID, desc="     lam", unit="lam"):
         theta = interpolate(p_i, p_t, lam)
         for template, tok in (("thinking", tok_t), ("instruct", tok_i)):
-            results = toy.evaluate(theta, cfg_i, tok, problems, max_new_tokens=96)
+            results = evaluate(theta, cfg_i, tok, problems, max_new_tokens=96)
             grid[lam, template] = {
                 "accuracy": float(np.mean([r.correct for r in results])),
                 "tokens": float(np.mean([r.num_tokens for r in results])),
@@ -275,7 +266,7 @@ def write_folder(folder: Path, cfg: ModelConfig, params, thinking: bool) -> None
     if folder.exists():
         shutil.rmtree(folder)
     save_hf_checkpoint(folder, cfg, params)
-    toy.build_tokenizer(thinking).save_pretrained(str(folder))
+    build_tokenizer(thinking).save_pretrained(str(folder))
     # transformers v5 writes its own class name; v4 (and v5) load the portable alias too.
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -307,7 +298,7 @@ Made by `{cmd}` (seed {args.seed}) in {total_s / 60:.1f} min wall time on a {os.
 (jax {jax.__version__}, CPU, float32). On that machine, two runs of the command wrote bit-identical
 `model.safetensors`; XLA CPU results can differ across machines in the last bits.
 
-## Task (`dami_jax/toy.py`)
+## Task (`dami_jax/toy/task.py`)
 Chains like `a=37, b=a+9, c=b*2, d=c-8. d=?` with 1 to 6 steps; operands `+`/`-` 1..{toy.ADD_MAX},
 `*` 2..{toy.MUL_MAX}; every value stays in 0..{toy.MAX_VALUE}. From 2 steps on, questions are split
 train/test by crc32 (1 in {toy.TEST_FRACTION} held out) and `toy.toy_benchmark(n_per_level, seed)` draws only
@@ -320,7 +311,7 @@ also uses) are in both splits.
 Also taught, so that behaviour lives in the weights rather than the template: the instruct model
 given the thinking template closes the think block at once (`</think>\\nAnswer: N`), and the
 thinking model given the plain template opens one itself (`<think>\\n...`).
-Grading: last `Answer: (-?\\d+)` (`toy.extract_answer`).
+Grading: the last `Answer: N` after the think block (`dami_jax.evals.grading.extract_answer`).
 
 ## Model
 Qwen3 (q/k RMSNorm), hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads / {cfg.num_kv_heads} KV heads,
@@ -362,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="default: dami_jax/toy-pair (runs/toy_pair_quick with --quick)")
+    ap.add_argument("--out", type=Path, default=None, help="default: dami_jax/toy/toy-pair (runs/toy_pair_quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="a short trial run")
     ap.add_argument("--base-steps", type=int, default=None)
     ap.add_argument("--ft-steps", type=int, default=None)
@@ -384,11 +375,11 @@ def main(argv: list[str] | None = None) -> None:
         args.ft_steps = 30 if args.quick else 400
     if args.eval_n is None:
         args.eval_n = 20 if args.quick else 100
-    out = args.out or (ROOT / "runs" / "toy_pair_quick" if args.quick else toy.TOY_PAIR_DIR)
+    out = args.out or (ROOT / "runs" / "toy_pair_quick" if args.quick else PAIR_DIR)
     t0 = time.perf_counter()
 
-    tokenizer = toy.build_tokenizer(thinking=True)
-    cfg = model_config(args, len(tokenizer), tokenizer.convert_tokens_to_ids(toy.IM_END), tokenizer.pad_token_id)
+    tokenizer = build_tokenizer(thinking=True)
+    cfg = model_config(args, len(tokenizer), tokenizer.convert_tokens_to_ids(IM_END), tokenizer.pad_token_id)
     params = init_params(cfg, jax.random.key(args.seed))
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     print(f"model: {n_params:,} params; {cfg}")

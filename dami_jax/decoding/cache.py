@@ -1,0 +1,85 @@
+"""KV caches: immutable pytrees behind one small interface (:class:`dami_jax.models.model.KVCache`,
+defined beside the decoder that calls it).
+
+Rows are left-padded to a common prompt length, so every row writes the same slot each step
+(one ``dynamic_update_slice`` for the batch) and the last prompt token sits in the same column
+for all rows. ``start[b]`` marks where row b's real tokens begin; RoPE positions count from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dami_jax.models.attention import attention
+from dami_jax.models.config import ModelConfig
+from dami_jax.models.model import KVCache
+
+
+class CacheConfig(Protocol):
+    """How :func:`dami_jax.generate` builds the cache it decodes with. Prefill always runs on a
+    full-precision :class:`DenseKVCache` (as TailorKV prescribes); ``after_prefill`` turns that
+    into the decode-time cache. Implementations are frozen dataclasses (static under jit)."""
+
+    def after_prefill(self, cfg: ModelConfig, cache: "DenseKVCache", prompt_len: int) -> KVCache:
+        """``cache`` holds the ``prompt_len`` prompt slots (left-padded); the rest is for decoding."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCacheConfig:
+    """Decode on the preallocated full-precision cache itself."""
+
+    def after_prefill(self, cfg: ModelConfig, cache: "DenseKVCache", prompt_len: int) -> "DenseKVCache":
+        return cache
+
+
+def visible_mask(start: jax.Array, first_slot: jax.Array, num_queries: int, num_slots: int) -> jax.Array:
+    """bool [B, T, S]: query t (at slot first_slot + t) sees slots start[b]..first_slot + t."""
+    slots = jnp.arange(num_slots)
+    query_slots = first_slot + jnp.arange(num_queries)
+    causal = slots[None, :] <= query_slots[:, None]
+    return causal[None] & (slots[None, None, :] >= start[:, None, None])
+
+
+@flax.struct.dataclass
+class DenseKVCache:
+    """Preallocated full-precision cache: per layer k, v [B, Hkv, S, hd]."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    length: jax.Array  # int32 []: slots 0..length-1 are written
+    start: jax.Array  # int32 [B]: first real (non-padding) slot of each row
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, start: jax.Array, size: int, dtype=jnp.float32) -> "DenseKVCache":
+        shape = (start.shape[0], cfg.num_kv_heads, size, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros, v=zeros, length=jnp.zeros((), jnp.int32), start=start.astype(jnp.int32))
+
+    @property
+    def size(self) -> int:
+        return self.k[0].shape[2]
+
+    def positions(self, num_tokens: int) -> jax.Array:
+        return self.length + jnp.arange(num_tokens)[None, :] - self.start[:, None]
+
+    def wants_next_query(self, layer: int) -> bool:
+        return False
+
+    def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "DenseKVCache"]:
+        at = (0, 0, self.length, 0)
+        ks = jax.lax.dynamic_update_slice(self.k[layer], k.swapaxes(1, 2).astype(self.k[layer].dtype), at)
+        vs = jax.lax.dynamic_update_slice(self.v[layer], v.swapaxes(1, 2).astype(self.v[layer].dtype), at)
+        out = attention(q, ks, vs, visible_mask(self.start, self.length, q.shape[1], self.size))
+        return out, self.replace(k=_put(self.k, layer, ks), v=_put(self.v, layer, vs))
+
+    def advance(self, num_tokens: int) -> "DenseKVCache":
+        return self.replace(length=self.length + num_tokens)
+
+
+def _put(items: tuple, index: int, value) -> tuple:
+    return items[:index] + (value,) + items[index + 1 :]

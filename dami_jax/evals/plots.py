@@ -1,0 +1,156 @@
+"""Every figure dami-jax saves: the sweep's accuracy-vs-tokens frontier, the path diagnostics, the
+TailorKV layer profile and the needle-in-a-haystack heat map.
+
+Figures are built with matplotlib's object API (``Figure``, no pyplot), so saving a plot never
+switches the backend of a notebook or leaves a figure open; :func:`save_figure` writes atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from dami_jax.dami.diagnostics import Connectivity, Continuity
+from dami_jax.evals.frontier import SweepPoint, pareto_frontier
+from dami_jax.files import write_atomic
+from dami_jax.tailorkv.profiling import LayerProfile
+
+
+def save_figure(fig: Figure, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Render ``fig`` as PNG into ``path`` (parents created; the file appears whole or not at all)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig_kwargs)
+    return write_atomic(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def plot_frontier(points: Sequence[SweepPoint], path: str | Path, title: str = "DAMI lambda sweep") -> Path:
+    """Accuracy vs mean generated tokens, one labelled dot per lambda, frontier as a line."""
+    fig = Figure(figsize=(6, 4.2), layout="tight")
+    ax = fig.add_subplot()
+    xs, ys = [p.mean_tokens for p in points], [100 * p.accuracy for p in points]
+    scatter = ax.scatter(xs, ys, c=[p.lam for p in points], cmap="viridis", zorder=3)
+    frontier = pareto_frontier(points)
+    for p in frontier_labels(points, frontier):
+        ax.annotate(f"{p.lam:g}", (p.mean_tokens, 100 * p.accuracy), textcoords="offset points", xytext=(6, -3), fontsize=8)
+    ax.plot([p.mean_tokens for p in frontier], [100 * p.accuracy for p in frontier], "--", color="gray", zorder=2, label="Pareto frontier")
+    fig.colorbar(scatter, ax=ax, label="lambda (0 = Instruct, 1 = Thinking)")
+    ax.set_xlabel("mean generated tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, dpi=120)
+
+
+def frontier_labels(points: Sequence[SweepPoint], frontier: Sequence[SweepPoint], spacing: float = 0.05) -> list[SweepPoint]:
+    """Points that get a lambda label: frontier points first, then the rest, skipping any within
+    ``spacing`` (fraction of each axis' range) of a label already placed: the colour bar tells
+    the lambda of crowded dots without labels printed over each other."""
+    x_range = (max(p.mean_tokens for p in points) - min(p.mean_tokens for p in points)) or 1.0
+    y_range = (max(p.accuracy for p in points) - min(p.accuracy for p in points)) or 1.0
+    placed: list[SweepPoint] = []
+    for p in [*frontier, *(q for q in points if q not in frontier)]:
+        if all(abs(p.mean_tokens - q.mean_tokens) / x_range > spacing or abs(p.accuracy - q.accuracy) / y_range > spacing for q in placed):
+            placed.append(p)
+    return placed
+
+
+# --------------------------------------------------------------------------- path diagnostics
+
+
+def plot_diagnostics(continuity: Continuity, connectivity: Connectivity, path: str | Path) -> Path:
+    """CKA to the next lambda and (to Instruct - to Thinking) per layer, and the loss along the path."""
+    fig = Figure(figsize=(14, 4), layout="tight")
+    axes = fig.subplots(1, 3)
+    for ax, data, title in (
+        (axes[0], continuity.next_cka, f"CKA(theta(lam), theta(lam+{continuity.delta:g}))"),
+        (axes[1], continuity.instruct_cka - continuity.thinking_cka, "CKA to Instruct - CKA to Thinking"),
+    ):
+        image = ax.imshow(data.T, aspect="auto", origin="lower", cmap="viridis",
+                          extent=(continuity.lambdas[0], continuity.lambdas[-1], -0.5, data.shape[1] - 0.5))  # fmt: skip
+        fig.colorbar(image, ax=ax)
+        ax.set_xlabel("lambda")
+        ax.set_ylabel("layer (0 = embeddings)")
+        ax.set_title(title, fontsize=10)
+    ax = axes[2]
+    ax.plot(connectivity.lambdas, connectivity.losses, "o-", label="held-out loss of theta(lam)")
+    ax.plot(connectivity.lambdas, connectivity.linear, "--", color="gray", label="straight line between endpoints")
+    ax.set_xlabel("lambda")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"connectivity: barrier {connectivity.barrier:+.3f}", fontsize=10)
+    ax.legend()
+    return save_figure(fig, path, dpi=110)
+
+
+# --------------------------------------------------------------------------- TailorKV layer profile
+
+
+def plot_profile(profile: LayerProfile, path: str | Path) -> Path:
+    """Bar per layer coloured by class, tau as a horizontal line."""
+    dense = set(profile.dense_layers)
+    colors = ["tab:orange" if i in dense else "tab:blue" for i in range(profile.num_layers)]
+    fig = Figure(figsize=(max(5.0, 0.25 * profile.num_layers + 2), 3.6), layout="tight")
+    ax = fig.add_subplot()
+    ax.bar(range(profile.num_layers), profile.scores, color=colors, zorder=3)
+    ax.axhline(profile.tau, color="black", linestyle="--", linewidth=1, zorder=4)
+    handles = [
+        Patch(color="tab:orange", label="dense: quantized KV"),
+        Patch(color="tab:blue", label="sparse: offload + top-k"),
+        Line2D([], [], color="black", linestyle="--", label=f"tau = {profile.tau:g}"),
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"mass outside top {100 * profile.alpha:g}%")
+    ax.set_title(f"TailorKV dense preference: {profile.model or 'model'} ({profile.num_tokens} tokens)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    return save_figure(fig, path, dpi=120)
+
+
+# --------------------------------------------------------------------------- needle in a haystack
+
+
+def plot_niah(records: Sequence[dict[str, Any]], path: str | Path, config_order: Sequence[str] = ()) -> Path:
+    """Depth x length accuracy heat map, one panel per cache config (in ``config_order``, then by name)."""
+    order = {c: i for i, c in enumerate(config_order)}
+    configs = sorted({r["config"] for r in records}, key=lambda c: (order.get(c, len(order)), c))
+    lengths = sorted({int(r["length"]) for r in records})
+    depths = sorted({round(float(r["depth"]), 6) for r in records})
+    panels = max(len(configs), 1)
+    size = (1.2 + (0.8 + 0.7 * len(lengths)) * panels, 1.6 + 0.4 * len(depths))
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False, sharey=True)
+    image = None
+    for ax, config in zip(axes[0], configs):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        cells: dict[tuple[int, int], list[bool]] = defaultdict(list)
+        for r in records:
+            if r["config"] == config:
+                cell = (depths.index(round(float(r["depth"]), 6)), lengths.index(int(r["length"])))
+                cells[cell].append(bool(r["correct"]))
+        for (i, j), hits in cells.items():
+            grid[i, j] = np.mean(hits)
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                label = f"{value:.0%}" if len(cells[(i, j)]) > 1 else ("hit" if value else "miss")
+                ax.text(j, i, label, ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
+        ax.set_xlabel("context length (tokens)", fontsize=8)
+        ax.set_title(config, fontsize=9)
+    axes[0][0].set_ylabel("needle depth", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), fraction=0.05, pad=0.02, label="accuracy")
+    fig.suptitle("Needle in a haystack: accuracy", fontsize=10)
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")

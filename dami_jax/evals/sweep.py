@@ -1,0 +1,134 @@
+"""Lambda sweeps: answer a benchmark on theta(lambda) for a grid of lambdas, grade, record.
+
+Records go to ``records.jsonl`` in a results folder as each batch finishes; rerunning into the
+same folder skips finished (lambda, problem) pairs, so an interrupted sweep resumes where it
+stopped, and a grown grid (more lambdas, more problems) only runs what is new. The folder's
+``settings.json`` pins everything else that changes a record (both models' content hashes,
+template, prompt style, sampling, seed, token budget, dtype): other settings are refused, not mixed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dami_jax.dami.interpolation import interpolate
+from dami_jax.dami.pair import ModelPair
+from dami_jax.decoding.sampling import GREEDY, Sampling
+from dami_jax.evals.answering import answer, problem_hash
+from dami_jax.evals.benchmarks import Problem
+from dami_jax.evals.grid import run_grid
+from dami_jax.evals.records import ResultsFolder, StaleResultsError
+
+DEFAULT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
+TEMPLATES = ("thinking", "instruct", "nearest")
+STYLES = ("boxed", "toy")
+RECORDS_FILE = "records.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    # Whose chat template renders the prompt at every lambda (ours): "thinking" (default; it opens
+    # the think block, so closing it measures when explicit thinking switches on), "instruct", or
+    # "nearest" (the template of the closer endpoint).
+    template: str = "thinking"
+    sampling: Sampling = GREEDY
+    seed: int = 0
+    style: str = "boxed"  # prompt style (dami_jax.evals.prompts.math_prompt): "boxed", or "toy" for the toy pair
+    extrapolate: bool = False  # allow lambdas outside [0, 1]
+    benchmark: str = "custom"  # the problem set's name, recorded with the results (ids key the records)
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if not self.lambdas:
+            raise ValueError("lambdas: need at least one value")
+        outside = [lam for lam in self.lambdas if not 0.0 <= lam <= 1.0]
+        if outside and not self.extrapolate:
+            raise ValueError(f"lambdas: {outside} outside [0, 1]; set extrapolate=True to go beyond the endpoints")
+        if min(self.max_new_tokens, self.batch_size) < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} must be >= 1")
+
+    def template_for(self, lam: float) -> str:
+        if self.template == "nearest":
+            return "instruct" if lam < 0.5 else "thinking"
+        return self.template
+
+    def settings(self) -> dict[str, Any]:
+        """What changes a record besides the models (the lambda grid and batch size do not)."""
+        return {
+            "benchmark": self.benchmark, "template": self.template, "style": self.style,
+            "max_new_tokens": self.max_new_tokens, "seed": self.seed, "sampling": dataclasses.asdict(self.sampling),
+        }  # fmt: skip
+
+
+def pair_settings(pair: ModelPair) -> dict[str, Any]:
+    """The settings a sweep records about its models: both content hashes and the dtype."""
+    fingerprints = pair.fingerprints()
+    dtype = jax.tree.leaves(pair.instruct)[0].dtype
+    return {"instruct_weights": fingerprints["instruct"], "thinking_weights": fingerprints["thinking"], "dtype": str(dtype)}
+
+
+def record_keys(seed: int, lam: float, problem_ids: Sequence[str]) -> jax.Array:
+    """One PRNG key per problem from (seed, lambda, problem id) alone, so that a sampled answer is
+    the same however the sweep was batched, ordered or interrupted."""
+    data = jnp.asarray([zlib.crc32(f"{lam:.6f}/{i}".encode()) for i in problem_ids], jnp.uint32)
+    return jax.vmap(lambda d: jax.random.fold_in(jax.random.key(seed), d))(data)
+
+
+def _key(record: dict[str, Any]) -> tuple[float, str]:
+    return round(float(record["lambda"]), 6), str(record["id"])
+
+
+def run_sweep(
+    pair: ModelPair,
+    problems: Sequence[Problem],
+    out_dir: str | Path,
+    config: SweepConfig = SweepConfig(),
+    *,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Sweep ``config.lambdas`` over ``problems`` into the results folder ``out_dir``; returns all
+    records of this grid (old and new). Raises :class:`StaleResultsError` when the folder holds
+    results made with other settings or other problems under the same ids
+    (``ResultsFolder(out_dir).start_fresh()`` moves them aside)."""
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError("problems: ids must be unique (they key the resumable log)")
+    folder = ResultsFolder(out_dir)
+    folder.claim({**config.settings(), **pair_settings(pair)})
+    log = folder.log(RECORDS_FILE)
+    by_id = {p.id: p for p in problems}
+    changed = {r["id"]: r.get("problem_hash") for r in log.records
+               if r["id"] in by_id and r.get("problem_hash") != problem_hash(by_id[r["id"]])}  # fmt: skip
+    if changed:
+        first = min(changed)
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise StaleResultsError(folder.path, {f"problem {first}{more}": (changed[first], problem_hash(by_id[first]))})
+    theta = None
+
+    def work(lam: float, pending: list[str]) -> Iterator[list[dict[str, Any]]]:
+        nonlocal theta
+        # Reuse the previous theta's buffers: a lambda switch allocates no third model.
+        theta = interpolate(pair.instruct, pair.thinking, lam, out=theta, extrapolate=config.extrapolate)
+        template = config.template_for(lam)
+        for start in range(0, len(pending), config.batch_size):
+            batch = [by_id[i] for i in pending[start : start + config.batch_size]]
+            keys = None if config.sampling.greedy else record_keys(config.seed, lam, [p.id for p in batch])
+            records = answer(theta, pair.cfg, pair.tokenizers[template], batch, style=config.style,
+                             max_new_tokens=config.max_new_tokens, sampling=config.sampling, keys=keys)  # fmt: skip
+            yield [{"lambda": lam, "template": template, **r} for r in records]
+
+    lambdas = list(dict.fromkeys(round(float(lam), 6) for lam in config.lambdas))
+    return run_grid(log, lambdas, ids, _key, work, desc="sweep", unit="answer",
+                    describe=lambda lam: f"lambda={lam:g}", progress=progress)  # fmt: skip

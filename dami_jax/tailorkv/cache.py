@@ -1,0 +1,297 @@
+"""TailorKV (Yao et al., ACL Findings 2025): a hybrid KV cache, one policy per layer.
+
+- Quantized layers (dense attention; layer 0 for most models): every token is kept as KIVI
+  codes (keys per channel in token groups, values per token in channel groups) plus a
+  full-precision residual of the newest tokens. When the residual fills (``residual`` tokens),
+  its oldest ``group`` tokens are quantized, so 64..127 recent tokens stay exact (ours: values
+  follow the keys' block schedule instead of a per-token sliding window, so one token split
+  serves both).
+- Sparse layers (attention on a few dominant tokens): the prompt's full-precision K/V live in
+  host memory (memory kind ``pinned_host``); the device keeps sink + recent prompt tokens,
+  every generated token and the per-channel max |K|. Each decode step predicts the layer's
+  query from the previous layer's input (lookahead), scores channels s_i = |mean_group q_i| *
+  max|K_i|, estimates attention over all prompt tokens from the top ``num_channels`` channels,
+  and brings only the top-k tokens' rows to the device. Nothing is evicted.
+
+Host memory inside jit: a gather cannot mix memory spaces, so the gathers of selected rows run
+on the host (``compute_on("device_host")``) and only their results cross to the device.
+Per sparse layer and step that moves B * Hkv * (num_channels * P + 2 * top_k * hd) elements
+(:func:`bytes_moved_per_step`). Prefill runs in full precision on the dense cache (as the paper
+does); :meth:`TailorKVConfig.after_prefill` then builds this cache from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
+
+from dami_jax.decoding.cache import DenseKVCache
+from dami_jax.models.attention import attention
+from dami_jax.models.config import ModelConfig
+from dami_jax.tailorkv.quant import (
+    BIT_WIDTHS,
+    QuantizedKeys,
+    QuantizedValues,
+    check_quant_config,
+    quantize_keys,
+    quantize_values,
+)
+from dami_jax.tailorkv.quant_attention import quantized_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class TailorKVConfig:
+    """Budget = sink + recent + top-k prompt tokens per sparse layer and KV head."""
+
+    bits: int = 1
+    budget: int = 192
+    sink: int = 8
+    recent: int = 56
+    num_channels: int = 8
+    group: int = 64
+    residual: int = 128
+    quantized_layers: tuple[int, ...] = (0,)  # the paper's split for Llama-3.1-8B; profile yours
+    scale_dtype: str = "float16"
+    offload: bool = True  # keep sparse layers' prompt K/V in host memory
+
+    def __post_init__(self):
+        if self.bits not in BIT_WIDTHS:
+            raise ValueError(f"bits must be one of {BIT_WIDTHS}, got bits={self.bits}")
+        if min(self.sink, self.recent) < 0 or self.num_channels < 1:
+            raise ValueError(f"sink={self.sink}, recent={self.recent} must be >= 0 and num_channels >= 1")
+        if self.budget < self.sink + self.recent:
+            raise ValueError(
+                f"budget={self.budget} is smaller than sink + recent = {self.sink} + {self.recent}: no room for top-k tokens"
+            )
+        if self.group <= 0 or self.residual <= self.group or self.residual % self.group:
+            raise ValueError(f"residual={self.residual} must be a multiple of group={self.group} and larger than it")
+
+    @property
+    def top_k(self) -> int:
+        return self.budget - self.sink - self.recent
+
+    def validate(self, cfg: ModelConfig) -> None:
+        check_quant_config(self.bits, self.group, cfg.head_dim)
+        bad = [i for i in self.quantized_layers if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"quantized_layers: {bad} outside the model's {cfg.num_layers} layers")
+        if self.num_channels > cfg.head_dim:
+            raise ValueError(f"num_channels={self.num_channels} exceeds head_dim={cfg.head_dim}")
+
+    def after_prefill(self, cfg: ModelConfig, dense: DenseKVCache, prompt_len: int) -> "TailorKVCache":
+        self.validate(cfg)
+        quantized_prefix = self.group * max(0, -(-(prompt_len - self.residual + 1) // self.group))
+        layers = tuple(
+            _quantized_layer(self, dense.k[i], dense.v[i], prompt_len, quantized_prefix)
+            if i in self.quantized_layers
+            else _sparse_layer(self, cfg, dense.k[i], dense.v[i], dense.start, prompt_len)
+            for i in range(cfg.num_layers)
+        )
+        return TailorKVCache(
+            layers=layers, length=dense.length, start=dense.start,
+            n_quant=jnp.asarray(quantized_prefix, jnp.int32), n_res=jnp.asarray(prompt_len - quantized_prefix, jnp.int32),
+            config=self, prompt_len=prompt_len,
+        )  # fmt: skip
+
+
+TAILORKV_1 = TailorKVConfig(bits=1, budget=192, sink=8, recent=56, num_channels=8)
+TAILORKV_2 = TailorKVConfig(bits=2, budget=1024, sink=64, recent=64, num_channels=12)
+PRESETS = {"TailorKV-1": TAILORKV_1, "TailorKV-2": TAILORKV_2}
+
+
+@flax.struct.dataclass
+class QuantizedLayerCache:
+    keys: QuantizedKeys  # [B, Hkv, S_q, hd] codes; S_q = cache size rounded up to the group
+    values: QuantizedValues
+    k_res: jax.Array  # [B, Hkv, residual, hd] newest tokens, full precision
+    v_res: jax.Array
+
+
+@flax.struct.dataclass
+class SparseLayerCache:
+    k_host: jax.Array  # [B, Hkv, P, hd] prompt keys (host memory when offloaded)
+    v_host: jax.Array  # [B, Hkv, P, hd]
+    kt_host: jax.Array  # [B, Hkv, hd, P] transposed keys: one channel is one contiguous row
+    k_absmax: jax.Array  # [B, Hkv, hd] per-channel max |K| over the real prompt tokens
+    k_window: jax.Array  # [B, Hkv, sink + recent, hd] on the device
+    v_window: jax.Array
+    window_mask: jax.Array  # bool [B, sink + recent]: real, non-duplicate tokens
+    k_gen: jax.Array  # [B, Hkv, max_new, hd] generated tokens
+    v_gen: jax.Array
+    channels: jax.Array  # int32 [B, Hkv, num_channels], chosen from the lookahead query
+
+
+def _to_host(x: jax.Array, config: TailorKVConfig) -> jax.Array:
+    return jax.device_put(x, jax.memory.Space.Host) if config.offload else x
+
+
+def _host_take(x: jax.Array, index: jax.Array, axis: int, config: TailorKVConfig) -> jax.Array:
+    """``take_along_axis`` on a host-resident array, run on the host; only the result moves."""
+    if not config.offload:
+        return jnp.take_along_axis(x, index, axis=axis)
+    index = jax.device_put(index, jax.memory.Space.Host)
+    with compute_on("device_host"):
+        rows = jnp.take_along_axis(x, index, axis=axis, mode="promise_in_bounds")
+    return jax.device_put(rows, jax.memory.Space.Device)
+
+
+def _quantized_layer(config: TailorKVConfig, k: jax.Array, v: jax.Array, prompt_len: int, prefix: int) -> QuantizedLayerCache:
+    b, h, size, hd = k.shape
+    capacity = -(-size // config.group) * config.group
+    scale_dtype = jnp.dtype(config.scale_dtype)
+    keys = QuantizedKeys.zeros(b, h, capacity, hd, config.bits, config.group, scale_dtype)
+    values = QuantizedValues.zeros(b, h, capacity, hd, config.bits, config.group, scale_dtype)
+    if prefix:
+        keys = keys.update(quantize_keys(k[:, :, :prefix], config.bits, config.group, scale_dtype), 0)
+        values = values.update(quantize_values(v[:, :, :prefix], config.bits, config.group, scale_dtype), 0)
+    residual = jnp.zeros((b, h, config.residual, hd), k.dtype)
+    k_res = jax.lax.dynamic_update_slice(residual, k[:, :, prefix:prompt_len], (0, 0, 0, 0))
+    v_res = jax.lax.dynamic_update_slice(residual, v[:, :, prefix:prompt_len], (0, 0, 0, 0))
+    return QuantizedLayerCache(keys, values, k_res, v_res)
+
+
+def select_channels(query: jax.Array, k_absmax: jax.Array, num_channels: int) -> jax.Array:
+    """query [B, 1, Hq, hd], k_absmax [B, Hkv, hd] -> int32 [B, Hkv, num_channels]: the channels
+    with the largest |mean over the GQA group of q_i| * max|K_i|."""
+    b, _, hq, hd = query.shape
+    hkv = k_absmax.shape[1]
+    group_mean = query[:, 0].reshape(b, hkv, hq // hkv, hd).mean(axis=2)
+    return jax.lax.top_k(jnp.abs(group_mean) * k_absmax, num_channels)[1].astype(jnp.int32)
+
+
+def _sparse_layer(config, cfg: ModelConfig, k, v, start, prompt_len: int) -> SparseLayerCache:
+    b, h, size, hd = k.shape
+    k_prompt, v_prompt = k[:, :, :prompt_len], v[:, :, :prompt_len]
+    real = jnp.arange(prompt_len)[None, :] >= start[:, None]  # [B, P]
+    k_absmax = jnp.max(jnp.where(real[:, None, :, None], jnp.abs(k_prompt.astype(jnp.float32)), 0.0), axis=2)
+    sink_slots = start[:, None] + jnp.arange(config.sink)[None, :]
+    recent_slots = jnp.broadcast_to(prompt_len - config.recent + jnp.arange(config.recent), (b, config.recent))
+    slots = jnp.concatenate([sink_slots, recent_slots], axis=1)  # [B, W]
+    window_mask = jnp.concatenate(
+        [sink_slots < prompt_len, (recent_slots >= start[:, None] + config.sink) & (recent_slots >= 0)], axis=1
+    )
+    index = jnp.clip(slots, 0, prompt_len - 1)[:, None, :, None]
+    max_new = size - prompt_len
+    return SparseLayerCache(
+        k_host=_to_host(k_prompt, config), v_host=_to_host(v_prompt, config),
+        kt_host=_to_host(k_prompt.swapaxes(2, 3), config), k_absmax=k_absmax,
+        k_window=jnp.take_along_axis(k_prompt, index, axis=2), v_window=jnp.take_along_axis(v_prompt, index, axis=2),
+        window_mask=window_mask,
+        k_gen=jnp.zeros((b, h, max_new, hd), k.dtype), v_gen=jnp.zeros((b, h, max_new, hd), v.dtype),
+        channels=jnp.zeros((b, h, config.num_channels), jnp.int32),
+    )  # fmt: skip
+
+
+@flax.struct.dataclass
+class TailorKVCache:
+    """The decode-time cache; implements :class:`dami_jax.models.model.KVCache` for single-token steps."""
+
+    layers: tuple
+    length: jax.Array  # int32 []: slots written (prompt + generated)
+    start: jax.Array  # int32 [B]: first real prompt slot per row
+    n_quant: jax.Array  # int32 []: tokens in the quantized stores (a multiple of group)
+    n_res: jax.Array  # int32 []: tokens in the full-precision residual (n_quant + n_res == length)
+    config: TailorKVConfig = flax.struct.field(pytree_node=False)
+    prompt_len: int = flax.struct.field(pytree_node=False)
+
+    def positions(self, num_tokens: int) -> jax.Array:
+        return self.length + jnp.arange(num_tokens)[None, :] - self.start[:, None]
+
+    def wants_next_query(self, layer: int) -> bool:
+        return layer > 0 and layer not in self.config.quantized_layers
+
+    def attend(self, layer: int, q, k, v, next_query=None):
+        if q.shape[1] != 1:
+            raise ValueError("TailorKVCache decodes one token per step; prefill runs on the dense cache")
+        cache = self
+        if next_query is not None:  # lookahead: pick layer+1's channels from its predicted query
+            upcoming = self.layers[layer + 1]
+            chosen = select_channels(next_query, upcoming.k_absmax, self.config.num_channels)
+            cache = self._with_layer(layer + 1, upcoming.replace(channels=chosen))
+        state = cache.layers[layer]
+        if isinstance(state, QuantizedLayerCache):
+            out, state = cache._attend_quantized(state, q, k, v)
+        else:
+            channels = state.channels if self.wants_next_query(layer) else select_channels(
+                q, state.k_absmax, self.config.num_channels
+            )
+            out, state = cache._attend_sparse(state, q, k, v, channels)
+        return out, cache._with_layer(layer, state)
+
+    def _with_layer(self, layer: int, state) -> "TailorKVCache":
+        return self.replace(layers=self.layers[:layer] + (state,) + self.layers[layer + 1 :])
+
+    def _attend_quantized(self, state: QuantizedLayerCache, q, k, v):
+        at = (0, 0, self.n_res, 0)
+        k_res = jax.lax.dynamic_update_slice(state.k_res, k.swapaxes(1, 2).astype(state.k_res.dtype), at)
+        v_res = jax.lax.dynamic_update_slice(state.v_res, v.swapaxes(1, 2).astype(state.v_res.dtype), at)
+        quant_slots = jnp.arange(state.keys.num_tokens)
+        res_slots = jnp.arange(state.k_res.shape[2])
+        start = self.start[:, None, None]
+        mask_quant = (quant_slots < self.n_quant) & (quant_slots >= start)
+        mask_res = (res_slots <= self.n_res) & (self.n_quant + res_slots >= start)
+        out = quantized_attention(q, state.keys, state.values, k_res, v_res, mask_quant, mask_res)
+        return out, state.replace(k_res=k_res, v_res=v_res)
+
+    def _attend_sparse(self, state: SparseLayerCache, q, k, v, channels):
+        config, prompt_len = self.config, self.prompt_len
+        generated = self.length - prompt_len
+        k_gen = jax.lax.dynamic_update_slice(state.k_gen, k.swapaxes(1, 2).astype(state.k_gen.dtype), (0, 0, generated, 0))
+        v_gen = jax.lax.dynamic_update_slice(state.v_gen, v.swapaxes(1, 2).astype(state.v_gen.dtype), (0, 0, generated, 0))
+        b, _, hq, hd = q.shape
+        hkv = state.k_absmax.shape[1]
+        parts_k, parts_v = [state.k_window], [state.v_window]
+        parts_mask = [jnp.broadcast_to(state.window_mask[:, None, :], (b, hkv, state.window_mask.shape[1]))]
+        top_k = min(config.top_k, prompt_len)
+        if top_k:
+            # Approximate scores of every prompt token from the chosen channels only.
+            channel_rows = _host_take(state.kt_host, channels[..., None], axis=2, config=config)  # [B, Hkv, C, P]
+            q_channels = jnp.take_along_axis(q[:, 0].reshape(b, hkv, hq // hkv, hd), channels[:, :, None, :], axis=3)
+            approx = jnp.einsum("bhgc,bhcp->bhgp", q_channels, channel_rows.astype(jnp.float32)).max(axis=2)
+            slots = jnp.arange(prompt_len)
+            eligible = (slots >= self.start[:, None] + config.sink) & (slots < prompt_len - config.recent)
+            approx = jnp.where(eligible[:, None, :], approx, -jnp.inf)
+            scores, chosen = jax.lax.top_k(approx, top_k)  # [B, Hkv, top_k]
+            parts_k.append(_host_take(state.k_host, chosen[..., None], axis=2, config=config))
+            parts_v.append(_host_take(state.v_host, chosen[..., None], axis=2, config=config))
+            parts_mask.append(scores > -jnp.inf)
+        parts_k.append(k_gen)
+        parts_v.append(v_gen)
+        parts_mask.append(jnp.broadcast_to(jnp.arange(k_gen.shape[2]) <= generated, (b, hkv, k_gen.shape[2])))
+        keys = jnp.concatenate([p.astype(k_gen.dtype) for p in parts_k], axis=2)
+        values = jnp.concatenate([p.astype(v_gen.dtype) for p in parts_v], axis=2)
+        mask = jnp.concatenate(parts_mask, axis=2)[:, :, None, :]  # [B, Hkv, T=1, S]
+        out = attention(q, keys, values, mask)
+        return out, state.replace(k_gen=k_gen, v_gen=v_gen)
+
+    def advance(self, num_tokens: int) -> "TailorKVCache":
+        cache = self.replace(length=self.length + num_tokens, n_res=self.n_res + num_tokens)
+        return jax.lax.cond(cache.n_res >= self.config.residual, TailorKVCache._flush, lambda c: c, cache)
+
+    def _flush(self) -> "TailorKVCache":
+        """Quantize the residual's oldest ``group`` tokens in every quantized layer."""
+        config, g = self.config, self.config.group
+        scale_dtype = jnp.dtype(config.scale_dtype)
+        layers = []
+        for state in self.layers:
+            if isinstance(state, QuantizedLayerCache):
+                state = state.replace(
+                    keys=state.keys.update(quantize_keys(state.k_res[:, :, :g], config.bits, g, scale_dtype), self.n_quant),
+                    values=state.values.update(quantize_values(state.v_res[:, :, :g], config.bits, g, scale_dtype), self.n_quant),
+                    k_res=jnp.concatenate([state.k_res[:, :, g:], jnp.zeros_like(state.k_res[:, :, :g])], axis=2),
+                    v_res=jnp.concatenate([state.v_res[:, :, g:], jnp.zeros_like(state.v_res[:, :, :g])], axis=2),
+                )  # fmt: skip
+            layers.append(state)
+        return self.replace(layers=tuple(layers), n_quant=self.n_quant + g, n_res=self.n_res - g)
+
+
+def bytes_moved_per_step(cfg: ModelConfig, config: TailorKVConfig, batch: int, prompt_len: int, itemsize: int = 4) -> int:
+    """Host -> device bytes per decode step: channel rows for scoring plus the top-k K and V rows,
+    summed over sparse layers."""
+    sparse = cfg.num_layers - len(config.quantized_layers)
+    per_layer = batch * cfg.num_kv_heads * (config.num_channels * prompt_len + 2 * min(config.top_k, prompt_len) * cfg.head_dim)
+    return sparse * per_layer * itemsize

@@ -1,0 +1,147 @@
+"""Lambda sweeps: resumable records that are never stale, per-record keys, table, frontier, on a
+tiny random pair with the toy tokenizer."""
+
+import dataclasses
+
+import jax
+import pytest
+from conftest import interrupted_on_call
+
+import dami_jax as dj
+import dami_jax.evals.sweep as sweep_module
+from dami_jax.dami.pair import load_pair
+from dami_jax.decoding.sampling import Sampling
+from dami_jax.evals.benchmarks import Problem
+from dami_jax.evals.frontier import SweepPoint, format_table, frontier_shape, pareto_frontier, sweep_points
+from dami_jax.evals.plots import frontier_labels, plot_frontier
+from dami_jax.evals.records import JsonlLog, StaleResultsError
+from dami_jax.evals.sweep import RECORDS_FILE, SweepConfig, run_sweep
+from dami_jax.models.config import ModelConfig
+from dami_jax.toy.evaluation import toy_problems
+from dami_jax.toy.tokenizer import build_tokenizer, vocabulary
+
+
+def _write_pair(tmp_path_factory, seeds=(0, 1)):
+    vocab = vocabulary()
+    cfg = ModelConfig(architecture="qwen3", vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=256,
+                      eos_token_ids=(vocab["<|im_end|>"],), pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
+    paths = []
+    for seed, thinking in zip(seeds, (False, True)):
+        path = tmp_path_factory.mktemp("thinking" if thinking else "instruct")
+        dj.save_hf_checkpoint(path, cfg, dj.init_params(cfg, jax.random.key(seed), scale=0.3))
+        build_tokenizer(thinking).save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    return load_pair(*_write_pair(tmp_path_factory))
+
+
+CONFIG = SweepConfig(lambdas=(0.0, 0.5, 1.0), max_new_tokens=10, batch_size=4, style="toy")
+
+
+def _by_key(records):
+    return sorted(records, key=lambda r: (r["lambda"], r["id"]))
+
+
+def test_interrupted_sweep_resumes_without_redoing_work(tiny_pair, tmp_path, monkeypatch):
+    problems = toy_problems(n_per_level=1)  # 6 problems: two batches per lambda
+    reference = run_sweep(tiny_pair, problems, tmp_path / "reference", CONFIG)
+    assert len(reference) == 18
+
+    real = sweep_module.answer
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(sweep_module, "answer", interrupted_on_call(real, 3))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tiny_pair, problems, out, CONFIG)
+    log = out / RECORDS_FILE
+    with open(log, "a") as f:
+        f.write('{"lambda": 0.5, "id": "half-writ')  # a record cut off by the crash
+    assert len(JsonlLog(log).records) == 6  # two batches done; the torn last line is dropped
+
+    redone = []
+    monkeypatch.setattr(sweep_module, "answer", lambda *a, **k: redone.extend(a[3]) or real(*a, **k))
+    resumed = run_sweep(tiny_pair, problems, out, CONFIG)
+    assert len(redone) == 12  # only the unfinished (lambda, problem) pairs
+    assert _by_key(resumed) == _by_key(reference)
+    assert run_sweep(tiny_pair, problems, out, CONFIG) == resumed and len(redone) == 12  # nothing left to do
+    grown = run_sweep(tiny_pair, problems, out, dataclasses.replace(CONFIG, lambdas=(0.0, 0.25, 0.5, 1.0)))
+    assert len(grown) == 24 and len(redone) == 18  # a grown grid runs only what is new
+
+
+def test_other_settings_or_models_are_refused_not_reused(tiny_pair, tmp_path, tmp_path_factory):
+    problems = toy_problems(n_per_level=1)[:2]
+    run_sweep(tiny_pair, problems, tmp_path, CONFIG)
+    before = (tmp_path / RECORDS_FILE).read_text()
+    with pytest.raises(StaleResultsError, match='template: "thinking" stored, "instruct" now; max_new_tokens: 10 stored, 8 now'):
+        run_sweep(tiny_pair, problems, tmp_path, dataclasses.replace(CONFIG, max_new_tokens=8, template="instruct"))
+    with pytest.raises(StaleResultsError, match="temperature"):
+        run_sweep(tiny_pair, problems, tmp_path, dataclasses.replace(CONFIG, sampling=Sampling(temperature=0.7)))
+    other = load_pair(*_write_pair(tmp_path_factory, seeds=(0, 2)))  # same Instruct end, another Thinking end
+    with pytest.raises(StaleResultsError, match="thinking_weights") as refused:
+        run_sweep(other, problems, tmp_path, CONFIG)
+    assert "instruct_weights" not in str(refused.value)
+    changed = [dataclasses.replace(problems[0], answer="12345"), problems[1]]
+    with pytest.raises(StaleResultsError, match=f"problem {problems[0].id}"):
+        run_sweep(tiny_pair, changed, tmp_path, CONFIG)
+    assert (tmp_path / RECORDS_FILE).read_text() == before  # nothing was added or lost
+    aside = sweep_module.ResultsFolder(tmp_path).start_fresh()
+    assert (aside / RECORDS_FILE).read_text() == before
+    assert len(run_sweep(tiny_pair, problems, tmp_path, dataclasses.replace(CONFIG, max_new_tokens=8))) == 6
+
+
+def test_sampled_records_do_not_depend_on_batching_or_interruption(tiny_pair, tmp_path, monkeypatch):
+    problems = toy_problems(n_per_level=1)
+    sampled = dataclasses.replace(CONFIG, sampling=Sampling(temperature=1.0), seed=3)
+    whole = run_sweep(tiny_pair, problems, tmp_path / "whole", dataclasses.replace(sampled, batch_size=6))
+    monkeypatch.setattr(sweep_module, "answer", interrupted_on_call(sweep_module.answer, 3))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tiny_pair, problems, tmp_path / "pieces", sampled)  # batches of 4 and 2
+    resumed = run_sweep(tiny_pair, problems[::-1], tmp_path / "pieces", dataclasses.replace(sampled, batch_size=1))
+    assert _by_key(resumed) == _by_key(whole)
+    other_seed = run_sweep(tiny_pair, problems, tmp_path / "seed4", dataclasses.replace(sampled, seed=4))
+    assert [r["response"] for r in _by_key(other_seed)] != [r["response"] for r in _by_key(whole)]
+
+
+def test_records_table_and_frontier(tiny_pair, tmp_path):
+    records = run_sweep(tiny_pair, toy_problems(n_per_level=1)[:2], tmp_path, CONFIG)
+    for r in records:
+        assert set(r) >= {"lambda", "id", "response", "correct", "output_tokens", "think_opened", "think_closed", "thought_chars"}
+        assert 1 <= r["output_tokens"] <= CONFIG.max_new_tokens
+        assert r["think_opened"]  # the thinking template opens the block at every lambda
+    points = sweep_points(records)
+    assert [p.lam for p in points] == [0.0, 0.5, 1.0]
+    assert "lambda" in format_table(points)
+    assert plot_frontier(points, tmp_path / "f.png").stat().st_size > 0
+
+
+def test_frontier_shape_is_measured_not_assumed():
+    pts = [SweepPoint(0.0, 0.3, 5, 0, 10), SweepPoint(0.5, 0.6, 20, 0.5, 10), SweepPoint(1.0, 0.7, 60, 1, 10)]
+    assert [p.lam for p in pareto_frontier(pts)] == [0.0, 0.5, 1.0]
+    assert frontier_shape(pts) == {"monotonic_in_lambda": True, "convex_frontier": True}
+    dented = [SweepPoint(0.0, 0.3, 5, 0, 10), SweepPoint(0.5, 0.35, 50, 0.5, 10), SweepPoint(1.0, 0.7, 60, 1, 10)]
+    assert frontier_shape(dented)["convex_frontier"] is False
+    falling = [SweepPoint(0.0, 0.5, 5, 0, 10), SweepPoint(1.0, 0.4, 60, 1, 10)]
+    assert frontier_shape(falling)["monotonic_in_lambda"] is False
+
+
+def test_crowded_points_are_labelled_once_frontier_first():
+    # lambdas 0.6..1.0 sit on top of each other at the thinking end; 0.9 is the frontier's best
+    pts = [SweepPoint(0.0, 0.3, 13, 0, 60), SweepPoint(0.4, 0.75, 40, 0.6, 60)]
+    pts += [SweepPoint(lam, acc, 47.2, 1, 60) for lam, acc in ((0.6, 0.967), (0.7, 0.967), (0.8, 0.983), (0.9, 1.0), (1.0, 1.0))]
+    labelled = [p.lam for p in frontier_labels(pts, pareto_frontier(pts))]
+    assert labelled == [0.0, 0.4, 0.9]
+
+
+def test_bad_sweep_config():
+    with pytest.raises(ValueError, match="template"):
+        SweepConfig(template="both")
+    with pytest.raises(ValueError, match="lambdas"):
+        SweepConfig(lambdas=())
+    with pytest.raises(ValueError, match="extrapolate"):
+        SweepConfig(lambdas=(0.0, 1.5))
+    with pytest.raises(ValueError, match="ids must be unique"):
+        run_sweep(None, [Problem("a", "q", "1", "s")] * 2, "unused", CONFIG)

@@ -1,0 +1,275 @@
+"""The dami-jax command line: each subcommand's happy path on small models, and every bad input
+giving one line on stderr, exit code 2, no traceback, and nothing written or lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from conftest import interrupted_on_call
+
+import dami_jax as dj
+import dami_jax.evals.sweep as sweep_module
+from dami_jax import cli
+from dami_jax.evals.niah.run import CONFIG_NAMES
+from dami_jax.models.config import ModelConfig
+from dami_jax.tailorkv.cache import PRESETS
+from dami_jax.toy.pair import toy_pair_paths
+from dami_jax.toy.tokenizer import build_tokenizer, vocabulary
+
+pytestmark = pytest.mark.xdist_group("toy_pair")  # shares compiled toy-pair functions with the toy tests
+
+INSTRUCT, THINKING = (str(p) for p in toy_pair_paths())
+SMALL_SWEEP = ["sweep", "--n-per-level", "1", "--lambdas", "0,1", "--max-new-tokens", "48"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """main(argv) in this process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse's own exits (--help, --version, usage errors)
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("dami-jax: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# --------------------------------------------------------------------------- the front door
+
+
+def test_version_and_help(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"dami-jax {dj.__version__}"
+    code, out, _ = run(capsys, "sweep", "--help")
+    assert code == 0
+    assert "gsm8k-offline" in out and "(default: toy)" in out and "(default: 160)" in out and "0:1:0.1" in out
+    code, out, _ = run(capsys, "generate", "--help")
+    assert code == 0 and "smollm2" in out and "tailorkv-1" in out
+
+
+def test_help_answers_without_importing_jax():
+    """--help and argument errors must not pay for jax and transformers (~2 s on 2 cores)."""
+    probe = "import sys; from dami_jax.cli import build_parser; build_parser(); print(sorted({'jax', 'transformers', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    script = Path(sys.executable).with_name("dami-jax")  # the console script installed beside this Python
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "COMMAND" in done.stdout
+
+
+def test_cli_choices_match_the_library():
+    assert cli.TEMPLATES == sweep_module.TEMPLATES
+    assert cli.NIAH_CONFIGS == CONFIG_NAMES
+    assert {v for v in cli.CACHES.values() if v} == set(PRESETS)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def test_generate_greedy_sampled_and_streamed(capsys):
+    code, out, _ = run(capsys, "generate", INSTRUCT, "a=5, b=a+3. b=?", "a=2, b=a*4. b=?", "--max-new-tokens", "16")
+    assert code == 0 and out.count(">>> ") == 2 and "Answer: 8" in out
+    code, out, _ = run(capsys, "generate", THINKING, "a=5, b=a+3. b=?", "--stream", "--max-new-tokens", "48")
+    assert code == 0 and "b=5+3=8" in out and "Answer: 8" in out
+    code, out, _ = run(capsys, "generate", INSTRUCT, "a=5, b=a+3. b=?", "--temperature", "0.7", "--top-k", "5",
+                       "--seed", "1", "--dtype", "bfloat16")  # fmt: skip
+    assert code == 0 and ">>> " in out
+
+
+def test_generate_bad_inputs(capsys, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(*run(capsys, "generate", str(tmp_path / "nope"), "hi")[::2], "MODEL", "is not a folder")
+    assert_user_error(*run(capsys, "generate", str(empty), "hi")[::2], "no config.json")
+    unsupported = tmp_path / "gpt2"
+    shutil.copytree(INSTRUCT, unsupported)
+    config = json.loads((unsupported / "config.json").read_text())
+    (unsupported / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    assert_user_error(*run(capsys, "generate", str(unsupported), "hi")[::2], "unsupported architecture")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(INSTRUCT, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_user_error(*run(capsys, "generate", str(truncated), "hi")[::2], str(weights))
+    assert_user_error(*run(capsys, "generate", INSTRUCT, "a", "b", "--stream")[::2], "--stream")
+    assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--top-p", "0.9")[::2], "--temperature")
+    assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--top-k", "0")[::2], "--top-k", "positive integer")
+    assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--cache", "tailorkv-1")[::2], "dami-jax profile-layers")
+    assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--max-new-tokens", "5000")[::2], "--max-new-tokens", "512 positions")
+    # A missing optional extra names the pip command (the GGUF conversion of the pinned model needs torch).
+    monkeypatch.setenv("DAMI_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("dami_jax.models.gguf.CONVERT_EXTRA", ("torch", "a_module_that_is_not_installed"))
+    assert_user_error(*run(capsys, "generate", "smollm2", "hi")[::2], "pip install 'dami-jax[convert]'")
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
+    code, _, err = run(capsys, "generate", str(tmp_path), "hi", "--debug")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("dami-jax: error: ")
+    monkeypatch.setenv("DAMI_JAX_DEBUG", "1")
+    code, _, err = run(capsys, "generate", str(tmp_path), "hi")
+    assert code == 2 and "Traceback" in err
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def test_sweep_resumes_refuses_other_settings_and_starts_fresh(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    code, first, _ = run(capsys, *SMALL_SWEEP, "--out", str(out))
+    assert code == 0 and "lambda  accuracy" in first and "frontier plot" in first
+    assert (out / "frontier.png").stat().st_size > 0
+    records = (out / "records.jsonl").read_text()
+    assert len(records.splitlines()) == 12
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["max_new_tokens"] == 48 and settings["benchmark"] == "toy" and len(settings["instruct_weights"]) == 16
+
+    code, again, _ = run(capsys, *SMALL_SWEEP, "--out", str(out))  # same settings: resumes, nothing to do
+    assert code == 0 and again == first and (out / "records.jsonl").read_text() == records
+    code, _, err = run(capsys, *SMALL_SWEEP[:-1], "8", "--template", "instruct", "--out", str(out))
+    assert_user_error(code, err, str(out), 'template: "thinking" stored, "instruct" now', "max_new_tokens: 48 stored, 8 now", "--fresh")
+    code, _, err = run(capsys, *SMALL_SWEEP, "--dtype", "bfloat16", "--out", str(out))  # refused after loading the pair
+    assert_user_error(code, err, "dtype", "instruct_weights")
+    assert (out / "records.jsonl").read_text() == records  # nothing was lost or mixed in
+
+    code, _, err = run(capsys, *SMALL_SWEEP[:-1], "8", "--out", str(out), "--fresh")
+    assert code == 0 and "moved the earlier results" in err
+    (aside,) = out.glob("stale-*")
+    assert (aside / "records.jsonl").read_text() == records
+    assert all(json.loads(line)["output_tokens"] <= 8 for line in (out / "records.jsonl").read_text().splitlines())
+
+
+def test_sweep_ctrl_c_keeps_what_was_done_and_rerun_resumes(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    real = sweep_module.answer
+    monkeypatch.setattr(sweep_module, "answer", interrupted_on_call(real, 2))
+    code, _, err = run(capsys, *SMALL_SWEEP, "--batch-size", "4", "--out", str(out))
+    assert code == 130 and "Traceback" not in err
+    assert f"dami-jax: interrupted; 4 answers are saved in {out / 'records.jsonl'}; rerun the same command to resume" in err
+    monkeypatch.setattr(sweep_module, "answer", real)
+    code, resumed, _ = run(capsys, *SMALL_SWEEP, "--batch-size", "4", "--out", str(out))
+    code_whole, whole, _ = run(capsys, *SMALL_SWEEP, "--out", str(tmp_path / "whole"))
+    assert code == code_whole == 0
+    assert resumed.split("records:")[0] == whole.split("records:")[0]  # the same table
+    assert len((out / "records.jsonl").read_text().splitlines()) == 12
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--lambdas", "1.5"], ["--lambdas", "1.5 is outside [0, 1]", "--extrapolate"]),
+        (["--lambdas", "abc"], ["--lambdas", "'abc' is not a grid"]),
+        (["--lambdas", "0:1:0"], ["--lambdas", "step > 0"]),
+        (["--lambdas", "0:1.5:0.5"], ["--lambdas", "1.5 is outside"]),
+        (["--benchmark", "nope"], ["--benchmark", "gsm8k-offline"]),
+        (["--temperature", "-1"], ["--temperature"]),
+        (["--top-p", "0"], ["--top-p"]),
+        (["--instruct", INSTRUCT], ["--instruct and --thinking"]),
+        (["--instruct", "/nope", "--thinking", "/nope"], ["--instruct", "/nope is not a folder"]),
+        (["--limit", "3"], ["--limit", "--n-per-level"]),
+        (["--benchmark", "gsm8k-offline", "--n-per-level", "2"], ["--n-per-level", "--limit"]),
+        (["--batch-size", "0"], ["--batch-size"]),
+    ],
+)
+def test_sweep_bad_arguments_write_nothing(capsys, tmp_path, args, fragments):
+    out = tmp_path / "out"
+    assert_user_error(*run(capsys, "sweep", "--out", str(out), *args)[::2], *fragments)
+    assert not out.exists()
+
+
+def test_output_paths_that_are_files_fail_before_any_work(capsys, tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr("dami_jax.evals.calibration.profile_checkpoint", no_work)
+    monkeypatch.setattr("dami_jax.dami.pair.load_pair", no_work)
+    for argv in (["sweep"], ["diagnose"], ["profile-layers", INSTRUCT], ["niah", "--model", INSTRUCT]):
+        assert_user_error(*run(capsys, *argv, "--out", str(afile))[::2], "--out", "is a file")
+    assert_user_error(*run(capsys, "sweep", "--out", str(afile / "sub"))[::2], "--out", "cannot be created")
+    assert afile.read_text() == "keep me"
+
+
+def test_an_unreadable_record_is_named_not_dropped(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    assert run(capsys, *SMALL_SWEEP, "--out", str(out))[0] == 0
+    log = out / "records.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    damaged = "".join(lines[:2] + ["{oops\n"] + lines[2:])
+    log.write_text(damaged)
+    assert_user_error(*run(capsys, *SMALL_SWEEP, "--out", str(out))[::2], f"{log}:3: unreadable record")
+    assert log.read_text() == damaged
+
+
+# --------------------------------------------------------------------------- diagnose and profile-layers
+
+
+def test_diagnose_writes_table_numbers_and_plot(capsys, tmp_path):
+    assert cli.build_parser().parse_args(["diagnose"]).out == "runs/diagnose"
+    code, out, _ = run(capsys, "diagnose", "--n-per-level", "1", "--lambdas", "0,0.5,1", "--out", str(tmp_path))
+    assert code == 0 and "loss barrier" in out
+    assert out.splitlines()[3].split()[1] == "-"  # lambda 1.0: no CKA to theta(1.05), never to itself
+    numbers = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert numbers["next_cka"][-1] == [None] * 5 and numbers["lambdas"] == [0.0, 0.5, 1.0]
+    assert (tmp_path / "diagnostics.png").stat().st_size > 0
+    assert_user_error(*run(capsys, "diagnose", "--delta", "0")[::2], "--delta")
+
+
+def test_profile_layers_on_the_toy_model(capsys, tmp_path):
+    code, out, _ = run(capsys, "profile-layers", INSTRUCT, "--max-tokens", "256", "--out", str(tmp_path))
+    assert code == 0 and "dense layers" in out
+    profile = json.loads((tmp_path / "layer_profile.json").read_text())
+    assert profile["num_tokens"] == 256 and profile["num_layers"] == 4
+    assert (tmp_path / "layer_profile.png").stat().st_size > 0
+    assert_user_error(*run(capsys, "profile-layers", INSTRUCT, "--tau", "2")[::2], "--tau")
+
+
+# --------------------------------------------------------------------------- niah
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny random Qwen3 with head_dim 64 (TailorKV's group) and the toy tokenizer's chat template."""
+    vocab = vocabulary()
+    cfg = ModelConfig(architecture="qwen3", vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=1024,
+                      eos_token_ids=(vocab["<|im_end|>"],), pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
+    folder = tmp_path_factory.mktemp("chat")
+    dj.save_hf_checkpoint(folder, cfg, dj.init_params(cfg, jax.random.key(0)))
+    build_tokenizer(thinking=False).save_pretrained(folder)
+    return str(folder)
+
+
+def test_niah_runs_resumes_and_refuses_other_settings(capsys, tmp_path, chat_model):
+    argv = ["niah", "--model", chat_model, "--lengths", "640", "--depths", "0.5", "--configs", "dense", "TailorKV-1",
+            "--quantized-layers", "0", "--max-new-tokens", "4", "--kl-tokens", "4", "--out", str(tmp_path)]  # fmt: skip
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "TailorKV-1" in out and (tmp_path / "niah.png").stat().st_size > 0
+    records = (tmp_path / "niah.jsonl").read_text()
+    assert len(records.splitlines()) == 2
+    assert run(capsys, *argv)[0] == 0 and (tmp_path / "niah.jsonl").read_text() == records
+    assert_user_error(*run(capsys, *argv[:-4], "--kl-tokens", "5", "--out", str(tmp_path))[::2], "kl_tokens: 4 stored, 5 now")
+    assert_user_error(*run(capsys, *argv, "--lengths", "4096")[::2], "--lengths", "1024 positions")
+    assert_user_error(*run(capsys, *argv, "--configs", "H2O")[::2], "--configs", "invalid choice")
+    assert_user_error(*run(capsys, *argv, "--depths", "1.5")[::2], "--depths")
+    assert (tmp_path / "niah.jsonl").read_text() == records
+
+
+def test_a_missing_optional_package_names_the_install_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: importing it fails
+    out = tmp_path / "hub"
+    assert_user_error(*run(capsys, "sweep", "--benchmark", "hf:gsm8k", "--out", str(out))[::2], "pip install datasets")
