@@ -144,14 +144,11 @@ def _keeps(log: Path, unit: str) -> Iterator[None]:
         raise Interrupted(f"{kept} {unit} are saved in {log}; rerun the same command to resume") from None
 
 
-def _fresh_or_check(folder: ResultsFolder, fresh: bool, settings: dict[str, Any]) -> None:
-    """--fresh moves earlier results aside; otherwise refuse other settings before any work."""
-    if fresh:
-        aside = folder.start_fresh()
-        if aside is not None:
-            print(f"moved the earlier results in {folder.path} to {aside}", file=sys.stderr)
-    else:
-        folder.check(settings)
+def _start_fresh(out: Path) -> None:
+    """--fresh: move the earlier results in ``out`` aside (never deleted)."""
+    aside = ResultsFolder(out).start_fresh()
+    if aside is not None:
+        print(f"moved the earlier results in {out} to {aside}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- generate
@@ -245,7 +242,10 @@ def _sweep(args: argparse.Namespace) -> None:
         sampling=sampling, seed=args.seed, style="toy" if toy else "boxed", extrapolate=args.extrapolate,
         benchmark=args.benchmark,
     )  # fmt: skip
-    _fresh_or_check(ResultsFolder(out), args.fresh, config.settings())
+    if args.fresh:
+        _start_fresh(out)
+    else:  # refuse other settings before loading the pair (the models' hashes are checked after)
+        ResultsFolder(out).check(config.settings())
     problems = toy_problems(args.n_per_level or 10, seed=args.seed) if toy else load_benchmark(args.benchmark, limit=args.limit)
     pair = _pair(args)
     with _keeps(out / RECORDS_FILE, "answers"):
@@ -316,14 +316,14 @@ def _niah(args: argparse.Namespace) -> None:
     out = _out(args.out)
     model = _checkpoint(args.model, "--model")
 
-    from dami_jax.evals.niah.run import LOG_FILE, niah_settings, run_niah
+    from dami_jax.evals.niah.run import LOG_FILE, run_niah
     from dami_jax.models.config import read_hf_config
 
     positions = read_hf_config(model).max_position_embeddings
     if max(args.lengths) > positions:
         raise UsageError(f"--lengths: {max(args.lengths)} tokens exceed the model's {positions} positions")
-    settings = niah_settings(model, args.configs, args.max_new_tokens, args.kl_tokens, args.seed, args.quantized_layers)
-    _fresh_or_check(ResultsFolder(out), args.fresh, settings)
+    if args.fresh:
+        _start_fresh(out)
     started = time.perf_counter()
     with _keeps(out / LOG_FILE, "cases"):
         run_niah(

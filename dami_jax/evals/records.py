@@ -79,11 +79,11 @@ class JsonlLog:
         return {key(r) for r in self.records}
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append ``records`` (JSON round-tripped, so that they read back exactly as a rerun sees them)."""
-        records = [json.loads(json.dumps(r)) for r in records]
-        if records:
-            self._append("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
-            self.records.extend(records)
+        """Append ``records``; kept in memory as parsed back from their lines, exactly as a rerun reads them."""
+        lines = [json.dumps(r, sort_keys=True) + "\n" for r in records]
+        if lines:
+            self._append("".join(lines).encode())
+            self.records.extend(json.loads(line) for line in lines)
 
     def _append(self, payload: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

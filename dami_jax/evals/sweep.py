@@ -109,12 +109,12 @@ def run_sweep(
     folder.claim({**config.settings(), **pair_settings(pair)})
     log = folder.log(RECORDS_FILE)
     by_id = {p.id: p for p in problems}
-    changed = {r["id"]: r.get("problem_hash") for r in log.records
-               if r["id"] in by_id and r.get("problem_hash") != problem_hash(by_id[r["id"]])}  # fmt: skip
+    hashes = {p.id: problem_hash(p) for p in problems}
+    changed = {r["id"]: r.get("problem_hash") for r in log.records if hashes.get(r["id"], r.get("problem_hash")) != r.get("problem_hash")}
     if changed:
         first = min(changed)
         more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-        raise StaleResultsError(folder.path, {f"problem {first}{more}": (changed[first], problem_hash(by_id[first]))})
+        raise StaleResultsError(folder.path, {f"problem {first}{more}": (changed[first], hashes[first])})
     theta = None
 
     def work(lam: float, pending: list[str]) -> Iterator[list[dict[str, Any]]]:
