@@ -25,10 +25,11 @@ from dami_jax.models.model import embed, observe_layers
 from dami_jax.models.params import Params
 
 
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (int32 [B, T], bool [B, T] real-token mask). Right padding is exact for a
-    causal pass without cache: pads come after every real token."""
-    width = max(map(len, sequences))
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (int32 [B, T], bool [B, T] real-token mask), T the longest rounded up to
+    ``multiple``. Right padding is exact for a causal pass without cache: pads come after every
+    real token."""
+    width = -(-max(map(len, sequences)) // multiple) * multiple
     tokens = np.full((len(sequences), width), pad_id, np.int32)
     mask = np.zeros((len(sequences), width), bool)
     for i, s in enumerate(sequences):
