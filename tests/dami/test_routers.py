@@ -12,13 +12,18 @@ from hypothesis import strategies as st
 
 import dami_jax as dj
 from dami_jax.dami.conf_router import ConfMap, draft_signals, js_divergence_bits
-
 from dami_jax.dami.features import FeatureSpec, FeatureStore, query_features
 from dami_jax.dami.oracle import oracle_choice
-from dami_jax.dami.preferences import Rollout, mean_tokens_per_lambda, preference_pairs, prefer, split_ids
 from dami_jax.dami.pref_router import (
-    META_FILE, RouterInfo, RouterMismatchError, TrainConfig, bradley_terry_loss, load_pref_router, train_pref_router,
+    META_FILE,
+    RouterInfo,
+    RouterMismatchError,
+    TrainConfig,
+    bradley_terry_loss,
+    load_pref_router,
+    train_pref_router,
 )  # fmt: skip
+from dami_jax.dami.preferences import Rollout, mean_tokens_per_lambda, prefer, preference_pairs, split_ids
 from dami_jax.errors import InputError
 from dami_jax.models.model import observe_layers
 from dami_jax.toy.evaluation import toy_problems
