@@ -16,7 +16,10 @@ from conftest import interrupted_on_call
 import dami_jax as dj
 import dami_jax.evals.sweep as sweep_module
 from dami_jax import cli
+from dami_jax.dami.serving import STRATEGIES
 from dami_jax.evals.niah.run import CONFIG_NAMES
+from dami_jax.evals.route_eval import SPECIAL_ROUTERS
+from dami_jax.evals.router_data import MIXES
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv.cache import PRESETS
 from dami_jax.toy.pair import toy_pair_paths
@@ -72,6 +75,7 @@ def test_help_answers_without_importing_jax():
 
 def test_cli_choices_match_the_library():
     assert cli.TEMPLATES == sweep_module.TEMPLATES
+    assert cli.ROUTERS == SPECIAL_ROUTERS and cli.MIXES == ("all", *MIXES) and cli.STRATEGIES == STRATEGIES
     assert cli.NIAH_CONFIGS == CONFIG_NAMES
     assert {v for v in cli.CACHES.values() if v} == set(PRESETS)
 
@@ -273,3 +277,96 @@ def test_a_missing_optional_package_names_the_install_command(capsys, tmp_path, 
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: importing it fails
     out = tmp_path / "hub"
     assert_user_error(*run(capsys, "sweep", "--benchmark", "hf:gsm8k", "--out", str(out))[::2], "pip install datasets")
+
+
+# --------------------------------------------------------------------------- DAMI routers
+
+ROUTER_SWEEP = ["sweep", "--n-per-level", "4", "--lambdas", "0,0.5,1", "--max-new-tokens", "80"]
+ROUTE_EVAL = ["route-eval", "--n-per-level", "4", "--lambdas", "0,0.5,1", "--max-new-tokens", "80", "--max-draft-tokens", "16"]
+
+
+@pytest.fixture(scope="module")
+def router_runs(tmp_path_factory):
+    """A toy-pair sweep and a router trained on it (through the CLI), shared by the router tests."""
+    root = tmp_path_factory.mktemp("routers")
+    assert cli.main([*ROUTER_SWEEP, "--out", str(root / "sweep")]) == 0
+    assert cli.main(["train-router", "--records", str(root / "sweep"), "--epochs", "20", "--out", str(root / "router")]) == 0
+    return root
+
+
+def test_train_router_prints_its_table_and_reruns_load_it(capsys, router_runs):
+    argv = ["train-router", "--records", str(router_runs / "sweep"), "--epochs", "20", "--out", str(router_runs / "router")]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "lambdas 0, 0.5, 1" in out and "val acc" in out
+    assert out.count("\n") == 4  # header line, column names, best and last epochs
+    meta = json.loads((router_runs / "router" / "router.json").read_text())
+    assert meta["done"] and meta["settings"]["info"]["grid"] == [0.0, 0.5, 1.0]
+    code, _, err = run(capsys, *argv[:4], "30", *argv[5:])  # another --epochs into the same folder
+    assert_user_error(code, err, "other settings")
+
+
+def test_train_router_bad_arguments(capsys, tmp_path):
+    assert_user_error(*run(capsys, "train-router", "--records", str(tmp_path), "--out", str(tmp_path / "r"))[::2],
+                      "--records", "not a sweep folder")  # fmt: skip
+    assert_user_error(*run(capsys, "train-router", "--records", str(tmp_path), "--margin", "-1")[::2], "--margin")
+    assert_user_error(*run(capsys, "train-router", "--out", str(tmp_path))[::2], "--records")
+
+
+def test_route_eval_reports_every_method_and_resumes(capsys, router_runs, tmp_path):
+    out = tmp_path / "eval"
+    argv = [*ROUTE_EVAL, "--router", str(router_runs / "router"), "--router", "conf", "--router", "oracle", "--out", str(out)]
+    code, first, _ = run(capsys, *argv)
+    assert code == 0, first
+    summary = {entry["method"]: entry for entry in json.loads((out / "summary.json").read_text())}
+    assert set(summary) == {"instruct", "fixed-0.5", "thinking", "oracle", "dami-pref", "dami-conf"}
+    assert all({"accuracy", "mean_tokens", "mean_lambda", "n"} <= set(e) for e in summary.values())
+    assert summary["oracle"]["accuracy"] >= max(summary[m]["accuracy"] for m in ("instruct", "fixed-0.5", "thinking"))
+    assert (out / "frontier.png").stat().st_size > 0 and (out / "sensitivity.png").stat().st_size > 0
+    assert "DAMI-Conf sensitivity" in first
+    routed = (out / "routed.jsonl").read_text()
+    code, again, _ = run(capsys, *argv)
+    assert code == 0 and again == first and (out / "routed.jsonl").read_text() == routed
+    code, _, err = run(capsys, *argv, "--accept-below", "0.3")
+    assert_user_error(code, err, "dami-conf", "--fresh")
+
+
+def test_route_eval_ctrl_c_keeps_answers_and_rerun_resumes(capsys, router_runs, tmp_path, monkeypatch):
+    import dami_jax.evals.route_eval as route_eval_module
+
+    out = tmp_path / "eval"
+    argv = [*ROUTE_EVAL, "--router", "conf", "--batch-size", "4", "--out", str(out)]
+    real = route_eval_module.serve
+    monkeypatch.setattr(route_eval_module, "serve", interrupted_on_call(real, 1))
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and "Traceback" not in err and "rerun the same command to resume" in err
+    assert "conf-signals.jsonl" in err and "records.jsonl" in err
+    monkeypatch.setattr(route_eval_module, "serve", real)
+    assert run(capsys, *argv)[0] == run(capsys, *argv[:-1], str(tmp_path / "whole"))[0] == 0
+
+    def summary(folder):  # wall times differ from run to run; everything else must not
+        return [{k: v for k, v in entry.items() if k != "wall_s"} for entry in json.loads((folder / "summary.json").read_text())]
+
+    assert summary(out) == summary(tmp_path / "whole")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--router", "nowhere"], ["--router nowhere", "not a router folder"]),
+        (["--router", "conf", "--mix", "uniform", "--benchmark", "gsm8k-offline"], ["--mix uniform", "gsm8k-offline"]),
+        (["--router", "conf", "--strategy", "fastest"], ["--strategy", "invalid choice"]),
+        (["--router", "conf", "--floor", "2"], ["--floor"]),
+        (["--router", "conf", "--lambdas", "0,2"], ["--lambdas", "outside [0, 1]"]),
+        (["--router", "conf", "--limit", "3"], ["--limit", "--n-per-level"]),
+    ],
+)
+def test_route_eval_bad_arguments_write_nothing(capsys, tmp_path, args, fragments):
+    assert_user_error(*run(capsys, "route-eval", *args, "--out", str(tmp_path / "out"))[::2], *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_route_eval_refuses_a_router_for_another_model(capsys, router_runs, tmp_path):
+    code, _, err = run(capsys, *ROUTE_EVAL, "--router", str(router_runs / "router"), "--instruct", THINKING, "--thinking", THINKING,
+                       "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert_user_error(code, err, "trained on features of the Instruct model")
+    assert not (tmp_path / "eval").exists()  # refused before any answer

@@ -135,6 +135,7 @@ class PrefRouter:
     net: ScoreNet
     info: RouterInfo
     history: tuple[dict[str, float], ...] = ()  # per epoch: train/val loss and pairwise accuracy
+    best_epoch: int = 0  # the epoch whose weights these are (lowest validation loss)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """float32 [N, G]: s(q, lam) for each query and grid lambda."""
@@ -275,7 +276,7 @@ def train_pref_router(
         target = (folder / "best").absolute()
         checkpointer.save(target, _pure(net), force=True)
     write_atomic(folder / META_FILE, json.dumps({"settings": settings, "done": True, **record}, indent=1) + "\n")
-    return PrefRouter(net, info, tuple(record["history"]))
+    return PrefRouter(net, info, tuple(record["history"]), record["best_epoch"])
 
 
 def _read_meta(folder: Path) -> dict[str, Any] | None:
@@ -302,7 +303,7 @@ def load_pref_router(folder: str | Path, fingerprint: str | None = None, grid: S
     net = _new_net(info, config)
     with ocp.StandardCheckpointer() as checkpointer:
         _restore_into(net, checkpointer.restore((folder / "best").absolute(), _pure(net)))
-    router = PrefRouter(net, info, tuple(meta["history"]))
+    router = PrefRouter(net, info, tuple(meta["history"]), meta["best_epoch"])
     if fingerprint is not None:
         router.check_fits(fingerprint, grid, where=str(folder))
     return router

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from dami_jax.decoding.generation import generate
+from dami_jax.decoding.generation import Generation, generate
 from dami_jax.decoding.sampling import GREEDY, Sampling
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.grading import extract_answer, grade
@@ -43,6 +43,13 @@ def answer(
     """
     prompts = [prompt_tokens(tokenizer, p, style) for p in problems]
     out = generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=keys)
+    return grade_generation(cfg, tokenizer, problems, prompts, out)
+
+
+def grade_generation(cfg: ModelConfig, tokenizer, problems: Sequence[Problem], prompts: Sequence[Sequence[int]], out: Generation) -> list[dict[str, Any]]:
+    """One graded record per row of ``out`` (generated after ``prompts``, which answer ``problems``).
+    Rows may come from different models or templates: each row's prompt says whether its template
+    opened the think block."""
     records = []
     for problem, prompt, row, n in zip(problems, prompts, out.token_lists(), np.asarray(out.lengths)):
         stopped = n > 0 and row[-1] in cfg.eos_token_ids
@@ -52,6 +59,7 @@ def answer(
         records.append({
             "id": problem.id,
             "source": problem.source,
+            "question": problem.question,
             "problem_hash": problem_hash(problem),
             "gold": problem.answer,
             "response": response,

@@ -33,8 +33,11 @@ def save_figure(fig: Figure, path: str | Path, **savefig_kwargs: Any) -> Path:
 # --------------------------------------------------------------------------- sweeps
 
 
-def plot_frontier(points: Sequence[SweepPoint], path: str | Path, title: str = "DAMI lambda sweep") -> Path:
-    """Accuracy vs mean generated tokens, one labelled dot per lambda, frontier as a line."""
+def plot_frontier(
+    points: Sequence[SweepPoint], path: str | Path, title: str = "DAMI lambda sweep", marks: Sequence[tuple[str, float, float]] = ()
+) -> Path:
+    """Accuracy vs mean generated tokens, one labelled dot per lambda, frontier as a line;
+    ``marks``: (label, mean tokens, accuracy) of other methods (routers), drawn as labelled stars."""
     fig = Figure(figsize=(6, 4.2), layout="tight")
     ax = fig.add_subplot()
     xs, ys = [p.mean_tokens for p in points], [100 * p.accuracy for p in points]
@@ -43,6 +46,8 @@ def plot_frontier(points: Sequence[SweepPoint], path: str | Path, title: str = "
     for p in frontier_labels(points, frontier):
         ax.annotate(f"{p.lam:g}", (p.mean_tokens, 100 * p.accuracy), textcoords="offset points", xytext=(6, -3), fontsize=8)
     ax.plot([p.mean_tokens for p in frontier], [100 * p.accuracy for p in frontier], "--", color="gray", zorder=2, label="Pareto frontier")
+    for (label, tokens, accuracy), color in zip(marks, ("tab:red", "tab:orange", "tab:purple", "tab:brown")):
+        ax.scatter([tokens], [100 * accuracy], marker="*", s=160, color=color, zorder=4, label=label)
     fig.colorbar(scatter, ax=ax, label="lambda (0 = Instruct, 1 = Thinking)")
     ax.set_xlabel("mean generated tokens")
     ax.set_ylabel("accuracy (%)")
@@ -63,6 +68,24 @@ def frontier_labels(points: Sequence[SweepPoint], frontier: Sequence[SweepPoint]
         if all(abs(p.mean_tokens - q.mean_tokens) / x_range > spacing or abs(p.accuracy - q.accuracy) / y_range > spacing for q in placed):
             placed.append(p)
     return placed
+
+
+def plot_sensitivity(rows: Sequence[dict[str, Any]], points: Sequence[SweepPoint], path: str | Path) -> Path:
+    """DAMI-Conf's hyperparameter settings (``rows``: accuracy, mean_tokens, accept_below, ...) as
+    dots coloured by their acceptance threshold, over the fixed-lambda frontier."""
+    fig = Figure(figsize=(6.5, 4.2), layout="tight")
+    ax = fig.add_subplot()
+    frontier = pareto_frontier(points)
+    ax.plot([p.mean_tokens for p in frontier], [100 * p.accuracy for p in frontier], "--", color="gray", label="fixed-lambda frontier")
+    dots = ax.scatter([r["mean_tokens"] for r in rows], [100 * r["accuracy"] for r in rows], c=[r["accept_below"] for r in rows],
+                      cmap="plasma", s=14, alpha=0.8, zorder=3)  # fmt: skip
+    fig.colorbar(dots, ax=ax, label="accept_below (draft accepted under this risk)")
+    ax.set_xlabel("mean tokens (draft included)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"DAMI-Conf sensitivity ({len(rows)} settings)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, dpi=120)
 
 
 # --------------------------------------------------------------------------- path diagnostics

@@ -10,6 +10,7 @@ template, prompt style, sampling, seed, token budget, dtype): other settings are
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -125,9 +126,11 @@ def run_sweep(
         for start in range(0, len(pending), config.batch_size):
             batch = [by_id[i] for i in pending[start : start + config.batch_size]]
             keys = None if config.sampling.greedy else record_keys(config.seed, lam, [p.id for p in batch])
+            started = time.perf_counter()
             records = answer(theta, pair.cfg, pair.tokenizers[template], batch, style=config.style,
                              max_new_tokens=config.max_new_tokens, sampling=config.sampling, keys=keys)  # fmt: skip
-            yield [{"lambda": lam, "template": template, **r} for r in records]
+            share = (time.perf_counter() - started) / len(batch)  # each answer's share of its batch's wall time
+            yield [{"lambda": lam, "template": template, "wall_s": share, **r} for r in records]
 
     lambdas = list(dict.fromkeys(round(float(lam), 6) for lam in config.lambdas))
     return run_grid(log, lambdas, ids, _key, work, desc="sweep", unit="answer",

@@ -2,6 +2,8 @@
 
 Numerics: the residual stream, norms, RoPE and softmax are float32; matmuls take their inputs
 in the parameter dtype (bf16 stays bf16 on the MXU/tensor cores) and accumulate in float32.
+Every parameter is consumed through :func:`dami_jax.models.rowmix.per_row`, so params whose
+leaves are :class:`~dami_jax.models.rowmix.RowMix` (a lambda per batch row) run the same code.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 from dami_jax.models.attention import attention, causal_mask
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.params import Params
+from dami_jax.models.rowmix import per_row
 
 
 class KVCache(Protocol):
@@ -38,15 +41,16 @@ class KVCache(Protocol):
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """x [..., in] @ kernel [in, out] -> float32 [..., out]."""
-    y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
-    return y if bias is None else y + bias.astype(jnp.float32)
+    """x [B, ..., in] @ kernel [in, out] -> float32 [B, ..., out]."""
+    y = per_row(kernel, lambda w: jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32))
+    return y if bias is None else per_row(bias, lambda b: y + b.astype(jnp.float32))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x [B, ..., D] normalized over D, times weight [D]; float32."""
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return x * weight.astype(jnp.float32)
+    return per_row(weight, lambda w: x * w.astype(jnp.float32))
 
 
 def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -154,7 +158,8 @@ def observe_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, observe:
 
 
 def embed(params: Params, tokens: jax.Array) -> jax.Array:
-    return params["embed"][tokens].astype(jnp.float32)
+    """tokens int32 [B, T] -> float32 [B, T, D]."""
+    return per_row(params["embed"], lambda table: table[tokens].astype(jnp.float32))
 
 
 def causal_positions(tokens: jax.Array) -> jax.Array:
@@ -163,11 +168,14 @@ def causal_positions(tokens: jax.Array) -> jax.Array:
 
 
 def lm_logits(params: Params, hidden: jax.Array) -> jax.Array:
-    """Final-normed hidden [..., D] -> float32 logits [..., vocab] (tied or separate head)."""
+    """Final-normed hidden [B, ..., D] -> float32 logits [B, ..., vocab] (tied or separate head)."""
     if "lm_head" in params:
         return dense(hidden, params["lm_head"])
-    embed = params["embed"]
-    return jnp.einsum("...d,vd->...v", hidden.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
+
+    def tied_head(table: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", hidden.astype(table.dtype), table, preferred_element_type=jnp.float32)
+
+    return per_row(params["embed"], tied_head)
 
 
 @partial(jax.jit, static_argnums=1)

@@ -1,0 +1,214 @@
+"""Serve a batch of prompts, each on its own interpolated model theta(lambda_i).
+
+Two strategies give the same tokens (up to float rounding at intermediate lambdas):
+- ``bucketed``: one batched :func:`generate` per distinct lambda, on a theta(lambda) interpolated
+  into one reused buffer (no third model); the weights are read once per group and step.
+- ``mixed``: one batch and one decode loop; every weight op mixes both endpoints' outputs per row
+  (:class:`dami_jax.models.rowmix.RowMix`), so no theta(lambda) exists; both endpoints are read and
+  the matmul FLOPs double, but once per step for all lambdas together.
+``auto`` picks the one a :class:`CostModel` measured on this device predicts to be faster. The
+model is first order: it assumes every group runs all ``max_new_tokens`` steps, while a bucketed
+group of short (low-lambda) answers in fact stops early and a mixed batch runs until its longest
+row is done; it leaves out per-row work that both strategies share (attention, sampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dami_jax.dami.interpolation import interpolate
+from dami_jax.dami.pair import ModelPair
+from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
+from dami_jax.decoding.generation import Generation, generate, prepare_prompts
+from dami_jax.decoding.sampling import GREEDY, Sampling
+from dami_jax.models.params import Params
+from dami_jax.models.rowmix import mix_rows
+
+STRATEGIES = ("auto", "bucketed", "mixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What the strategies' costs depend on: the batch's composition and the model's size."""
+
+    group_sizes: tuple[int, ...]  # prompts per distinct lambda
+    interpolations: int  # groups whose theta(lambda) must be materialized (lambda not 0 or 1)
+    weight_bytes: int  # one model's parameter bytes
+    flops_per_token: int  # one model's weight-matmul FLOPs per token
+    steps: int  # decode steps (max_new_tokens: an upper bound, rows may stop earlier)
+
+    @classmethod
+    def of(cls, params: Params, lambdas: Sequence[float], max_new_tokens: int) -> "Workload":
+        """The workload of serving ``lambdas`` (one per prompt) on models shaped like ``params``."""
+        values, sizes = np.unique(np.asarray(lambdas, np.float32), return_counts=True)
+        leaves = jax.tree.leaves(params)
+        matmul = sum(x.size for x in leaves if x.ndim == 2) - (params["embed"].size if "lm_head" in params else 0)
+        return cls(
+            group_sizes=tuple(int(n) for n in sizes), interpolations=int(np.sum((values != 0) & (values != 1))),
+            weight_bytes=sum(x.nbytes for x in leaves), flops_per_token=2 * matmul, steps=max_new_tokens,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Additive decode-time model: seconds = steps * (overhead + bytes read * s/byte + FLOPs * s/FLOP)."""
+
+    seconds_per_byte: float  # reading weights from memory
+    seconds_per_flop: float  # matmul arithmetic
+    seconds_per_step: float  # fixed cost of one decode-loop iteration
+
+    @classmethod
+    @functools.cache
+    def measure(cls) -> "CostModel":
+        """Time tiny operations on the default device (once per process, ~1 s): a reduction over
+        64 MiB, a 1024^3 matmul, and a loop of small steps; each less a plain call's overhead."""
+        call = _best_seconds(jax.jit(lambda x: x + 1), jnp.zeros((), jnp.float32))
+        big = jnp.ones((16 * 2**20,), jnp.float32)
+        read = _best_seconds(jax.jit(jnp.sum), big) - call
+        square = jnp.ones((1024, 1024), jnp.float32)
+        matmul = _best_seconds(jax.jit(lambda a: a @ a), square) - call
+        steps, small = 256, jnp.ones((64, 64), jnp.float32) / 64
+        loop = jax.jit(lambda x: jax.lax.fori_loop(0, steps, lambda _, y: jnp.tanh(y @ small), x))
+        per_step = (_best_seconds(loop, jnp.ones((1, 64), jnp.float32)) - call) / steps
+        tiny = 1e-15  # keeps a term positive when timer noise swallows it
+        return cls(max(read, tiny) / big.nbytes, max(matmul, tiny) / (2 * 1024**3), max(per_step, tiny))
+
+    def bucketed(self, work: Workload) -> float:
+        """Each group decodes on its own: one weight read per group and step, plus one
+        interpolation per materialized group (read both endpoints, write theta)."""
+        decode = sum(
+            work.steps * (self.seconds_per_step + work.weight_bytes * self.seconds_per_byte
+                          + n * work.flops_per_token * self.seconds_per_flop)
+            for n in work.group_sizes
+        )  # fmt: skip
+        return decode + work.interpolations * 3 * work.weight_bytes * self.seconds_per_byte
+
+    def mixed(self, work: Workload) -> float:
+        """One loop for the whole batch: both endpoints read each step, twice the matmul FLOPs."""
+        batch = sum(work.group_sizes)
+        return work.steps * (self.seconds_per_step + 2 * work.weight_bytes * self.seconds_per_byte
+                             + 2 * batch * work.flops_per_token * self.seconds_per_flop)  # fmt: skip
+
+    def predict(self, work: Workload) -> dict[str, float]:
+        """Predicted seconds per strategy."""
+        return {"bucketed": self.bucketed(work), "mixed": self.mixed(work)}
+
+
+def _best_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5) -> float:
+    """Fastest of ``repeats`` calls after a compiling one, waiting for each result."""
+    jax.block_until_ready(fn(*args))
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def choose_strategy(work: Workload, cost_model: CostModel) -> str:
+    """``"bucketed"`` or ``"mixed"``, whichever ``cost_model`` predicts faster (bucketed on a tie).
+    One distinct lambda is always the plain single-model path (bucketed with one group)."""
+    if len(work.group_sizes) == 1:
+        return "bucketed"
+    predicted = cost_model.predict(work)
+    return "mixed" if predicted["mixed"] < predicted["bucketed"] else "bucketed"
+
+
+def serve(
+    pair: ModelPair,
+    prompts: Sequence[Sequence[int]],
+    lambdas: Sequence[float],
+    *,
+    strategy: str = "auto",
+    max_new_tokens: int = 128,
+    sampling: Sampling = GREEDY,
+    key: jax.Array | None = None,
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    cache: CacheConfig = DenseCacheConfig(),
+    cost_model: CostModel | None = None,
+    progress: bool = False,
+    extrapolate: bool = False,
+) -> Generation:
+    """Generate for each prompt (rendered token ids) on theta(lambdas[i]); rows in ``prompts``' order.
+
+    ``strategy``: ``"bucketed"``, ``"mixed"`` or ``"auto"`` (from ``cost_model``, by default
+    :meth:`CostModel.measure`). ``key``: one PRNG key, split into one per prompt, or one per
+    prompt [B]; either way a row's tokens depend on its own key only, never on how the batch was
+    grouped. ``stop_tokens`` (shared or per prompt) and ``cache`` (e.g. ``TailorKVConfig``) are
+    :func:`generate`'s. ``progress``: a bar over the bucketed groups. ``extrapolate`` allows
+    lambdas outside [0, 1].
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: must be one of {STRATEGIES}, got {strategy!r}")
+    lam = _check_lambdas(lambdas, len(prompts), extrapolate)
+    prepare_prompts(prompts, pair.cfg, max_new_tokens)  # fail before any work
+    keys = _row_keys(key, sampling, len(prompts))
+    stop_rows = _stop_rows(stop_tokens, len(prompts))
+    if strategy == "auto":
+        strategy = choose_strategy(Workload.of(pair.instruct, lam, max_new_tokens), cost_model or CostModel.measure())
+    options = dict(max_new_tokens=max_new_tokens, sampling=sampling, cache=cache)
+    if strategy == "mixed":
+        mixed = mix_rows(pair.instruct, pair.thinking, lam)
+        return generate(mixed, pair.cfg, prompts, key=keys, stop_tokens=stop_tokens, **options)
+    groups: dict[float, list[int]] = {}
+    for i, value in enumerate(lam.tolist()):
+        groups.setdefault(value, []).append(i)
+    theta, parts, order = None, [], []
+    for value, rows in tqdm(sorted(groups.items()), desc="serve", unit="lambda", disable=not progress):
+        if value in (0.0, 1.0):
+            params = pair.instruct if value == 0.0 else pair.thinking  # what interpolate would return, bit for bit
+        else:
+            params = theta = interpolate(pair.instruct, pair.thinking, value, out=theta, extrapolate=extrapolate)
+        parts.append(generate(
+            params, pair.cfg, [prompts[i] for i in rows], key=None if keys is None else keys[np.asarray(rows)],
+            stop_tokens=stop_tokens if stop_rows is None else [stop_rows[i] for i in rows], **options,
+        ))  # fmt: skip
+        order += rows
+    inverse = np.argsort(order)
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[inverse], *parts)
+
+
+def _check_lambdas(lambdas: Sequence[float], batch: int, extrapolate: bool) -> np.ndarray:
+    """-> float32 [B], checked: one finite lambda per prompt, in [0, 1] unless ``extrapolate``."""
+    lam = np.asarray(lambdas, np.float32)
+    if lam.shape != (batch,):
+        raise ValueError(f"lambdas: need one lambda per prompt ({batch}), got shape {lam.shape}")
+    if not np.isfinite(lam).all():
+        raise ValueError(f"lambdas: row {int(np.flatnonzero(~np.isfinite(lam))[0])} is not finite")
+    outside = np.flatnonzero((lam < 0) | (lam > 1))
+    if not extrapolate and outside.size:
+        row = outside[0]
+        raise ValueError(f"lambdas: row {row} is {lam[row]}, outside [0, 1]; pass extrapolate=True to go beyond")
+    return lam
+
+
+def _row_keys(key: jax.Array | None, sampling: Sampling, batch: int) -> jax.Array | None:
+    """One PRNG key per prompt [B] (split from a single key), or None when greedy without a key."""
+    if key is None:
+        if not sampling.greedy:
+            raise ValueError("key: sampling with temperature > 0 needs an explicit PRNG key (jax.random.key(seed))")
+        return None
+    if key.ndim == 0:
+        return jax.random.split(key, batch)
+    if key.shape != (batch,):
+        raise ValueError(f"key: need one PRNG key or one per prompt ({batch}), got shape {key.shape}")
+    return key
+
+
+def _stop_rows(stop_tokens: Any, batch: int) -> list[Sequence[int]] | None:
+    """Per-prompt stop lists, or None when ``stop_tokens`` is shared (or the default)."""
+    rows = None if stop_tokens is None else list(stop_tokens)
+    if not rows or not isinstance(rows[0], (list, tuple, np.ndarray)):
+        return None
+    if len(rows) != batch:
+        raise ValueError(f"stop_tokens: got {len(rows)} rows for a batch of {batch}")
+    return rows
