@@ -350,11 +350,13 @@ def _train_router(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         raise Interrupted(f"the epochs finished so far are saved in {out}; rerun the same command to resume") from None
     print(f"router: {out} (lambdas {', '.join(f'{x:g}' for x in router.info.grid)}; {router.info.in_dim} features)")
-    print(f"{'epoch':>9}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}")
+    print("pairwise accuracy (share of preference pairs ordered right); routed: validation problems answered at the router's lambdas")
+    print(f"{'epoch':>9}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'routed acc':>10}  {'routed tokens':>13}")
     for name, row in (("best", router.history[router.best_epoch - 1]), ("last", router.history[-1])):
         label = f"{name} {row['epoch']}"
         print(f"{label:>9}  {row['train_loss']:10.4f}  {row['train_accuracy']:9.3f}  {row.get('val_loss', math.nan):8.4f}  "
-              f"{row.get('val_accuracy', math.nan):7.3f}")  # fmt: skip
+              f"{row.get('val_accuracy', math.nan):7.3f}  {row.get('routed_accuracy', math.nan):10.3f}  "
+              f"{row.get('routed_tokens', math.nan):13.1f}")  # fmt: skip
     print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
@@ -544,10 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
     train.add_argument("--margin", type=nonnegative_float, metavar="X", default=0.1,
                        help="between two correct answers, fewer tokens wins by more than this fraction")  # fmt: skip
-    train.add_argument("--hidden", type=positive_int, metavar="N", default=128, help="router MLP width")
+    train.add_argument("--hidden", type=nonnegative_int, metavar="N", default=128, help="router MLP width (0: a linear scorer)")
     train.add_argument("--learning-rate", type=positive_float, metavar="X", default=3e-3, help="AdamW peak learning rate")
     train.add_argument("--epochs", type=positive_int, metavar="N", default=300, help="most epochs")
-    train.add_argument("--patience", type=positive_int, metavar="N", default=30, help="epochs without a better validation loss")
+    train.add_argument("--patience", type=positive_int, metavar="N", default=30, help="epochs without better validation routing")
     train.add_argument("--seed", type=nonnegative_int, metavar="N", default=0, help="initialization and shuffling")
     train.add_argument("--out", metavar="DIR", default="runs/router", help="router folder (orbax checkpoints, router.json)")
     train.add_argument("--fresh", action="store_true", help="move an earlier router in --out aside and start over")

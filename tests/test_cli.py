@@ -298,7 +298,7 @@ def test_train_router_prints_its_table_and_reruns_load_it(capsys, router_runs):
     argv = ["train-router", "--records", str(router_runs / "sweep"), "--epochs", "20", "--out", str(router_runs / "router")]
     code, out, _ = run(capsys, *argv)
     assert code == 0 and "lambdas 0, 0.5, 1" in out and "val acc" in out
-    assert out.count("\n") == 4  # header line, column names, best and last epochs
+    assert out.count("\n") == 5 and "routed acc" in out  # router line, legend, column names, best and last epochs
     meta = json.loads((router_runs / "router" / "router.json").read_text())
     assert meta["done"] and meta["settings"]["info"]["grid"] == [0.0, 0.5, 1.0]
     code, _, err = run(capsys, *argv[:4], "30", *argv[5:])  # another --epochs into the same folder

@@ -5,7 +5,7 @@ ours. A small Flax NNX MLP maps a query's prefill features (:mod:`dami_jax.dami.
 score s(q, lam) per lambda of a fixed grid. It is trained with the Bradley-Terry loss
 -log sigmoid(s(q, lam_win) - s(q, lam_lose)) on the pairs of :mod:`dami_jax.dami.preferences`
 (AdamW, warmup + cosine schedule, gradient clipping; one jitted step), with early stopping on the
-validation loss and the best epoch's weights kept. lambda(q) is the argmax of s over the grid
+validation pairwise accuracy (the loss breaks ties) and the best epoch's weights kept. lambda(q) is the argmax of s over the grid
 (or its softmax expectation).
 
 ``cost_weight`` trades accuracy for tokens at inference without retraining: the scores are
@@ -34,7 +34,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dami_jax.dami.features import FeatureSpec
-from dami_jax.dami.preferences import PreferencePairs
+from dami_jax.dami.preferences import OutcomeTable, PreferencePairs
 from dami_jax.errors import InputError
 from dami_jax.files import write_atomic
 
@@ -55,12 +55,12 @@ class ScoreNet(nnx.Module):
     def __init__(self, in_dim: int, grid_size: int, hidden: int, *, rngs: nnx.Rngs):
         self.mean = FeatureStat(jnp.zeros((in_dim,)))
         self.scale = FeatureStat(jnp.ones((in_dim,)))
-        self.hidden = nnx.Linear(in_dim, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, grid_size, rngs=rngs)
+        self.hidden = nnx.Linear(in_dim, hidden, rngs=rngs) if hidden else None  # hidden=0: a linear scorer
+        self.out = nnx.Linear(hidden or in_dim, grid_size, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = (x - self.mean[...]) / self.scale[...]
-        return self.out(nnx.gelu(self.hidden(x)))
+        return self.out(x if self.hidden is None else nnx.gelu(self.hidden(x)))
 
 
 def bradley_terry_loss(s_win: jax.Array, s_lose: jax.Array) -> jax.Array:
@@ -100,11 +100,11 @@ class TrainConfig:
     batch_size: int = 512
     warmup_epochs: int = 5
     clip_norm: float = 1.0
-    patience: int = 30  # epochs without a better validation loss before stopping
+    patience: int = 30  # epochs without a better validation score before stopping
     seed: int = 0
 
     def __post_init__(self):
-        if min(self.hidden, self.max_epochs, self.batch_size, self.patience) < 1 or self.learning_rate <= 0:
+        if self.hidden < 0 or min(self.max_epochs, self.batch_size, self.patience) < 1 or self.learning_rate <= 0:
             raise ValueError(f"TrainConfig: sizes, epochs and learning rate must be positive, got {self}")
 
 
@@ -135,7 +135,7 @@ class PrefRouter:
     net: ScoreNet
     info: RouterInfo
     history: tuple[dict[str, float], ...] = ()  # per epoch: train/val loss and pairwise accuracy
-    best_epoch: int = 0  # the epoch whose weights these are (lowest validation loss)
+    best_epoch: int = 0  # the epoch whose weights these are (best validation pairwise accuracy)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """float32 [N, G]: s(q, lam) for each query and grid lambda."""
@@ -203,13 +203,19 @@ def train_pref_router(
     out_dir: str | Path,
     config: TrainConfig = TrainConfig(),
     *,
+    validation: tuple[np.ndarray, OutcomeTable] | None = None,
     data_id: str = "",
     progress: bool = True,
 ) -> PrefRouter:
-    """Train on ``train_pairs`` (indices into ``features`` float32 [Q, F]), early-stop on
-    ``val_pairs``, save into ``out_dir`` after every epoch; rerunning resumes from the last
-    saved epoch, and a finished folder is loaded rather than retrained. ``data_id`` names the
-    training data (e.g. a hash of the records); resuming with other data or settings is refused."""
+    """Train on ``train_pairs`` (indices into ``features`` float32 [Q, F]), save into ``out_dir``
+    after every epoch; rerunning resumes from the last saved epoch, and a finished folder is
+    loaded rather than retrained. ``data_id`` names the training data (e.g. a hash of the
+    records); resuming with other data or settings is refused.
+
+    Early stopping keeps the epoch that routes best: with ``validation`` = (feature rows [V],
+    their outcomes at every grid lambda), the routed accuracy of those queries, then their mean
+    tokens (accuracy first, then cost: the order the preferences encode); without it, the
+    pairwise accuracy on ``val_pairs`` (or on ``train_pairs`` when there are none), then the loss."""
     if len(train_pairs) == 0:
         raise InputError("no training pairs: every query's answers were all wrong or near-ties; sweep more queries or lambdas")
     if features.shape[1] != info.in_dim:
@@ -229,7 +235,7 @@ def train_pref_router(
     steps_per_epoch = -(-len(train_pairs) // config.batch_size)
     optimizer = _optimizer(net, config, steps_per_epoch)
     best = _pure(net)
-    record = {"epoch": 0, "history": [], "best_epoch": 0, "best_val_loss": float("inf")}
+    record = {"epoch": 0, "history": [], "best_epoch": 0, "best": None}
     manager = _manager(folder)
     if manager.latest_step() is not None:
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
@@ -248,26 +254,31 @@ def train_pref_router(
         while record["epoch"] < config.max_epochs and record["epoch"] - record["best_epoch"] < config.patience:
             epoch = record["epoch"] + 1
             order = np.random.default_rng([config.seed, epoch]).permutation(len(train_pairs))
-            losses = []
             for lo in range(0, len(order), config.batch_size):
                 idx = order[lo : lo + config.batch_size]
                 q, w, lose = (jnp.asarray(a[idx]) for a in (train_pairs.query, train_pairs.win, train_pairs.lose))
-                losses.append(float(_train_step(net, optimizer, x_all[q], w, lose)))
+                _train_step(net, optimizer, x_all[q], w, lose)
             train_loss, train_acc = _evaluate(net, x_all[train_pairs.query], jnp.asarray(train_pairs.win), jnp.asarray(train_pairs.lose))
             row = {"epoch": epoch, "train_loss": float(train_loss), "train_accuracy": float(train_acc)}
             if len(val_pairs):
                 val_loss, val_acc = _evaluate(net, x_all[val[0]], val[1], val[2])
                 row.update(val_loss=float(val_loss), val_accuracy=float(val_acc))
-            monitored = row.get("val_loss", row["train_loss"])
-            if monitored < record["best_val_loss"]:
-                best, record["best_epoch"], record["best_val_loss"] = _pure(net), epoch, monitored
+            if validation is not None:
+                choice = np.argmax(np.asarray(_scores(net, x_all[validation[0]])), axis=-1)
+                row["routed_accuracy"], row["routed_tokens"] = validation[1].routed(choice)
+                monitored = [-row["routed_accuracy"], row["routed_tokens"]]
+            else:
+                split = "val" if len(val_pairs) else "train"
+                monitored = [-row[f"{split}_accuracy"], row[f"{split}_loss"]]
+            if record["best"] is None or monitored < record["best"]:
+                best, record["best_epoch"], record["best"] = _pure(net), epoch, monitored
             record["epoch"] = epoch
             record["history"].append(row)
             manager.save(epoch, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"net": _pure(net), "optimizer": _pure(optimizer), "best": best}),
                 record=ocp.args.JsonSave(record),
             ))  # fmt: skip
-            bar.set_postfix_str(f"val acc {row.get('val_accuracy', float('nan')):.3f}")
+            bar.set_postfix_str(", ".join(f"{k} {row[k]:.3f}" for k in ("val_accuracy", "routed_accuracy") if k in row))
             bar.update(1)
     manager.wait_until_finished()
     manager.close()

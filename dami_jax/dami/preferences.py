@@ -109,3 +109,31 @@ def mean_tokens_per_lambda(rollouts: Mapping[str, Sequence[Rollout]], grid: Sequ
             counts[g] += 1
     with np.errstate(invalid="ignore"):
         return (totals / counts).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutcomeTable:
+    """Every query's outcome at every grid lambda, to score a routing choice directly."""
+
+    correct: np.ndarray  # bool [Q, G]
+    tokens: np.ndarray  # float32 [Q, G]
+
+    def routed(self, choice: np.ndarray) -> tuple[float, float]:
+        """(accuracy, mean tokens) of answering query q at grid index choice[q] (int [Q])."""
+        rows = np.arange(len(choice))
+        return float(self.correct[rows, choice].mean()), float(self.tokens[rows, choice].mean())
+
+
+def outcome_table(rollouts: Sequence[Sequence[Rollout]], grid: Sequence[float]) -> OutcomeTable:
+    """An :class:`OutcomeTable` of queries whose rollouts cover the whole grid."""
+    correct = np.zeros((len(rollouts), len(grid)), bool)
+    tokens = np.zeros((len(rollouts), len(grid)), np.float32)
+    for q, answers in enumerate(rollouts):
+        seen = set()
+        for r in answers:
+            g = grid_index(grid, r.lam)
+            correct[q, g], tokens[q, g] = r.correct, r.tokens
+            seen.add(g)
+        if len(seen) != len(grid):
+            raise ValueError(f"query {q}: rollouts cover {len(seen)} of the {len(grid)} grid lambdas")
+    return OutcomeTable(correct, tokens)

@@ -6,16 +6,16 @@ Two strategies give the same tokens (up to float rounding at intermediate lambda
 - ``mixed``: one batch and one decode loop; every weight op mixes both endpoints' outputs per row
   (:class:`dami_jax.models.rowmix.RowMix`), so no theta(lambda) exists; both endpoints are read and
   the matmul FLOPs double, but once per step for all lambdas together.
-``auto`` picks the one a :class:`CostModel` measured on this device predicts to be faster. The
-model is first order: it assumes every group runs all ``max_new_tokens`` steps, while a bucketed
-group of short (low-lambda) answers in fact stops early and a mixed batch runs until its longest
-row is done; it leaves out per-row work that both strategies share (attention, sampling).
+``auto`` picks the one a :class:`CostModel` predicts to be faster: decode steps of this model,
+plain and mixed, timed on this device at two batch sizes (so it sees whatever dominates here:
+weight reads on a large model, per-row work on a small one), plus the interpolation. It assumes
+every group runs all ``max_new_tokens`` steps, while a bucketed group of short (low-lambda)
+answers in fact stops early and a mixed batch runs until its longest row is done.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 
 from dami_jax.dami.interpolation import interpolate
 from dami_jax.dami.pair import ModelPair
-from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
-from dami_jax.decoding.generation import Generation, generate, prepare_prompts
+from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig, DenseKVCache
+from dami_jax.decoding.generation import Generation, decode_step, generate, prepare_prompts
 from dami_jax.decoding.sampling import GREEDY, Sampling
-from dami_jax.models.params import Params
 from dami_jax.models.rowmix import mix_rows
 
 STRATEGIES = ("auto", "bucketed", "mixed")
@@ -38,69 +37,82 @@ STRATEGIES = ("auto", "bucketed", "mixed")
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """What the strategies' costs depend on: the batch's composition and the model's size."""
+    """What the strategies' costs depend on: the batch's composition."""
 
     group_sizes: tuple[int, ...]  # prompts per distinct lambda
     interpolations: int  # groups whose theta(lambda) must be materialized (lambda not 0 or 1)
-    weight_bytes: int  # one model's parameter bytes
-    flops_per_token: int  # one model's weight-matmul FLOPs per token
     steps: int  # decode steps (max_new_tokens: an upper bound, rows may stop earlier)
 
     @classmethod
-    def of(cls, params: Params, lambdas: Sequence[float], max_new_tokens: int) -> "Workload":
-        """The workload of serving ``lambdas`` (one per prompt) on models shaped like ``params``."""
+    def of(cls, lambdas: Sequence[float], max_new_tokens: int) -> "Workload":
+        """The workload of serving ``lambdas`` (one per prompt)."""
         values, sizes = np.unique(np.asarray(lambdas, np.float32), return_counts=True)
-        leaves = jax.tree.leaves(params)
-        matmul = sum(x.size for x in leaves if x.ndim == 2) - (params["embed"].size if "lm_head" in params else 0)
-        return cls(
-            group_sizes=tuple(int(n) for n in sizes), interpolations=int(np.sum((values != 0) & (values != 1))),
-            weight_bytes=sum(x.nbytes for x in leaves), flops_per_token=2 * matmul, steps=max_new_tokens,
-        )  # fmt: skip
+        return cls(tuple(int(n) for n in sizes), int(np.sum((values != 0) & (values != 1))), max_new_tokens)
+
+
+PROBE_BATCH = 8  # the second batch size decode steps are timed at (the first is 1)
+PROBE_CACHE = 256  # cache slots of the timed steps
 
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """Additive decode-time model: seconds = steps * (overhead + bytes read * s/byte + FLOPs * s/FLOP)."""
+    """Seconds per decode step as measured on this device for this model, linear in the batch B:
+    one model ``single_fixed + single_per_row * B``; per-row mixing ``mixed_fixed + mixed_per_row * B``;
+    plus ``interpolation`` seconds per materialized theta(lambda)."""
 
-    seconds_per_byte: float  # reading weights from memory
-    seconds_per_flop: float  # matmul arithmetic
-    seconds_per_step: float  # fixed cost of one decode-loop iteration
+    single_fixed: float
+    single_per_row: float
+    mixed_fixed: float
+    mixed_per_row: float
+    interpolation: float
 
     @classmethod
-    @functools.cache
-    def measure(cls) -> "CostModel":
-        """Time tiny operations on the default device (once per process, ~1 s): a reduction over
-        64 MiB, a 1024^3 matmul, and a loop of small steps; each less a plain call's overhead."""
-        call = _best_seconds(jax.jit(lambda x: x + 1), jnp.zeros((), jnp.float32))
-        big = jnp.ones((16 * 2**20,), jnp.float32)
-        read = _best_seconds(jax.jit(jnp.sum), big) - call
-        square = jnp.ones((1024, 1024), jnp.float32)
-        matmul = _best_seconds(jax.jit(lambda a: a @ a), square) - call
-        steps, small = 256, jnp.ones((64, 64), jnp.float32) / 64
-        loop = jax.jit(lambda x: jax.lax.fori_loop(0, steps, lambda _, y: jnp.tanh(y @ small), x))
-        per_step = (_best_seconds(loop, jnp.ones((1, 64), jnp.float32)) - call) / steps
-        tiny = 1e-15  # keeps a term positive when timer noise swallows it
-        return cls(max(read, tiny) / big.nbytes, max(matmul, tiny) / (2 * 1024**3), max(per_step, tiny))
+    def measure(cls, pair: ModelPair) -> "CostModel":
+        """Time jitted decode steps of ``pair``'s model (plain and per-row mixed) at batch 1 and
+        ``PROBE_BATCH`` on a ``PROBE_CACHE``-slot cache, and one interpolation; once per process for
+        each architecture and dtype (the first call compiles them, a few seconds for small models)."""
+        key = (pair.cfg, jax.tree.leaves(pair.instruct)[0].dtype)
+        if key not in _MEASURED:
+            _MEASURED[key] = _measure(pair)
+        return _MEASURED[key]
 
     def bucketed(self, work: Workload) -> float:
-        """Each group decodes on its own: one weight read per group and step, plus one
-        interpolation per materialized group (read both endpoints, write theta)."""
-        decode = sum(
-            work.steps * (self.seconds_per_step + work.weight_bytes * self.seconds_per_byte
-                          + n * work.flops_per_token * self.seconds_per_flop)
-            for n in work.group_sizes
-        )  # fmt: skip
-        return decode + work.interpolations * 3 * work.weight_bytes * self.seconds_per_byte
+        """Each group decodes on its own, after its interpolation."""
+        steps = sum(work.steps * (self.single_fixed + self.single_per_row * n) for n in work.group_sizes)
+        return steps + work.interpolations * self.interpolation
 
     def mixed(self, work: Workload) -> float:
-        """One loop for the whole batch: both endpoints read each step, twice the matmul FLOPs."""
-        batch = sum(work.group_sizes)
-        return work.steps * (self.seconds_per_step + 2 * work.weight_bytes * self.seconds_per_byte
-                             + 2 * batch * work.flops_per_token * self.seconds_per_flop)  # fmt: skip
+        """One loop for the whole batch."""
+        return work.steps * (self.mixed_fixed + self.mixed_per_row * sum(work.group_sizes))
 
     def predict(self, work: Workload) -> dict[str, float]:
         """Predicted seconds per strategy."""
         return {"bucketed": self.bucketed(work), "mixed": self.mixed(work)}
+
+
+_MEASURED: dict[tuple[Any, Any], CostModel] = {}
+
+
+def _measure(pair: ModelPair) -> CostModel:
+    step = jax.jit(lambda params, token, cache: decode_step(params, pair.cfg, token, cache)[0])
+
+    def step_seconds(batch: int, mixed: bool) -> float:
+        params = mix_rows(pair.instruct, pair.thinking, jnp.full((batch,), 0.5)) if mixed else pair.instruct
+        cache = DenseKVCache.create(pair.cfg, jnp.zeros((batch,), jnp.int32), PROBE_CACHE, pair.instruct["embed"].dtype)
+        return _best_seconds(step, params, jnp.zeros((batch,), jnp.int32), cache)
+
+    def line(mixed: bool) -> tuple[float, float]:
+        one, many = step_seconds(1, mixed), step_seconds(PROBE_BATCH, mixed)
+        per_row = max(many - one, 0.0) / (PROBE_BATCH - 1)
+        return max(one - per_row, 0.0), per_row
+
+    theta = [interpolate(pair.instruct, pair.thinking, 0.5)]
+
+    def switch():  # as bucketed serving switches lambda: into the previous theta's buffers
+        theta[0] = interpolate(pair.instruct, pair.thinking, 0.5, out=theta[0])
+        return theta[0]
+
+    return CostModel(*line(False), *line(True), _best_seconds(switch))
 
 
 def _best_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5) -> float:
@@ -154,7 +166,7 @@ def serve(
     keys = _row_keys(key, sampling, len(prompts))
     stop_rows = _stop_rows(stop_tokens, len(prompts))
     if strategy == "auto":
-        strategy = choose_strategy(Workload.of(pair.instruct, lam, max_new_tokens), cost_model or CostModel.measure())
+        strategy = choose_strategy(Workload.of(lam, max_new_tokens), cost_model or CostModel.measure(pair))
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, cache=cache)
     if strategy == "mixed":
         mixed = mix_rows(pair.instruct, pair.thinking, lam)

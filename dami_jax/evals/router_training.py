@@ -1,7 +1,8 @@
 """Train a DAMI-Pref router from sweep records (``dami-jax train-router``).
 
 Only problems on the training side of :func:`dami_jax.evals.router_data.router_split` are used;
-a fifth of them (by hash) decide early stopping. Features come from the Instruct model's prefill
+a fifth of them (by hash) decide early stopping: the epoch whose routing answers them best
+(accuracy first, then tokens) is kept. Features come from the Instruct model's prefill
 of each query rendered with the Instruct model's own chat template (System 1 sees the query
 first), and are kept in ``<router folder>/features`` for reruns and evaluations.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from dami_jax.dami.features import FeatureSpec, FeatureStore, query_features
 from dami_jax.dami.pair import ModelPair
 from dami_jax.dami.pref_router import PrefRouter, RouterInfo, TrainConfig, train_pref_router
-from dami_jax.dami.preferences import mean_tokens_per_lambda, preference_pairs
+from dami_jax.dami.preferences import mean_tokens_per_lambda, outcome_table, preference_pairs
 from dami_jax.errors import InputError
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.prompts import prompt_tokens
@@ -71,7 +74,8 @@ def train_router(
         token_costs=tuple(float(x) for x in mean_tokens_per_lambda({i: data.rollouts[i] for i in train_ids}, data.grid)),
         in_dim=features.shape[1],
     )  # fmt: skip
+    validation = (np.asarray([row[i] for i in val_ids], np.int32), outcome_table([data.rollouts[i] for i in val_ids], data.grid))
     return train_pref_router(
         features, pairs.subset([row[i] for i in fit_ids]), pairs.subset([row[i] for i in val_ids]), info, out_dir, config,
-        data_id=f"{data.digest}/margin={margin}", progress=progress,
+        validation=validation if val_ids else None, data_id=f"{data.digest}/margin={margin}", progress=progress,
     )  # fmt: skip

@@ -23,7 +23,14 @@ from dami_jax.dami.pref_router import (
     load_pref_router,
     train_pref_router,
 )  # fmt: skip
-from dami_jax.dami.preferences import Rollout, mean_tokens_per_lambda, prefer, preference_pairs, split_ids
+from dami_jax.dami.preferences import (
+    Rollout,
+    mean_tokens_per_lambda,
+    outcome_table,
+    prefer,
+    preference_pairs,
+    split_ids,
+)
 from dami_jax.errors import InputError
 from dami_jax.models.model import observe_layers
 from dami_jax.toy.evaluation import toy_problems
@@ -74,6 +81,15 @@ def test_split_is_by_id_alone():
 def test_mean_tokens_per_lambda():
     rollouts = {"a": [Rollout(0.0, True, 10), Rollout(1.0, True, 30)], "b": [Rollout(0.0, False, 20)]}
     np.testing.assert_allclose(mean_tokens_per_lambda(rollouts, (0.0, 0.5, 1.0)), [15, np.nan, 30])
+
+
+def test_outcome_table_scores_a_routing():
+    rollouts = [[Rollout(0.0, False, 10), Rollout(1.0, True, 40)], [Rollout(1.0, True, 30), Rollout(0.0, True, 12)]]
+    table = outcome_table(rollouts, (0.0, 1.0))
+    assert table.routed(np.asarray([1, 0])) == (1.0, 26.0)
+    assert table.routed(np.asarray([0, 1])) == (0.5, 20.0)
+    with pytest.raises(ValueError, match="cover 1 of the 2"):
+        outcome_table([[Rollout(0.0, True, 1)]], (0.0, 1.0))
 
 
 # --------------------------------------------------------------------------- oracle
@@ -189,6 +205,20 @@ def test_training_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
     np.testing.assert_allclose(resumed.scores(features), router.scores(features), rtol=1e-5, atol=1e-5)
     with pytest.raises(RouterMismatchError, match="other settings"):
         train_pref_router(features, fit, val, info_for(features), tmp_path, config, data_id="other records", progress=False)
+
+
+def test_early_stopping_on_validation_routing_and_a_linear_scorer(tmp_path):
+    features, rollouts, needed = synthetic(400, seed=2)
+    pairs = preference_pairs(rollouts, GRID)
+    validation = (np.arange(300, 400), outcome_table(rollouts[300:], GRID))
+    config = TrainConfig(hidden=0, max_epochs=40, patience=40, learning_rate=1e-1)
+    router = train_pref_router(features, pairs.subset(range(300)), pairs.subset(range(300, 400)), info_for(features), tmp_path,
+                               config, validation=validation, progress=False)  # fmt: skip
+    best = router.history[router.best_epoch - 1]
+    assert best["routed_accuracy"] == max(row["routed_accuracy"] for row in router.history)
+    chosen = np.searchsorted(GRID, router.lambdas(features[300:]))
+    assert validation[1].routed(chosen) == (best["routed_accuracy"], best["routed_tokens"])  # the kept weights are that epoch's
+    assert best["routed_accuracy"] > 0.9  # the rule is linear in feature 0's logit: a linear scorer learns it
 
 
 def test_no_pairs_is_a_clear_error(tmp_path):

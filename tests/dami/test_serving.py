@@ -49,9 +49,9 @@ def test_mixed_and_bucketed_equal_per_prompt_generation(pair, prompts):
     np.testing.assert_allclose(mixed.logprobs, bucketed.logprobs, atol=1e-4)
     assert all(row[-1] in pair.cfg.eos_token_ids for row in bucketed.token_lists())  # every answer finished
     assert len(set(np.asarray(bucketed.lengths).tolist())) > 2  # and rows stopped at different steps
-    # auto follows its cost model: FLOP-free and read-bound, six groups -> mixed
-    reads = CostModel(seconds_per_byte=1.0, seconds_per_flop=0.0, seconds_per_step=0.0)
-    auto = dj.serve(pair, prompts, LAMBDAS, max_new_tokens=NEW, cost_model=reads)
+    # auto follows its cost model: fixed cost per step dominates, six groups -> mixed
+    fixed_heavy = CostModel(single_fixed=1.0, single_per_row=0.0, mixed_fixed=1.5, mixed_per_row=0.0, interpolation=0.0)
+    auto = dj.serve(pair, prompts, LAMBDAS, max_new_tokens=NEW, cost_model=fixed_heavy)
     np.testing.assert_array_equal(auto.logprobs, mixed.logprobs)
 
 
@@ -116,44 +116,39 @@ def test_per_prompt_stop_tokens_follow_their_rows(pair, prompts):
 
 
 def workload(group_sizes, interpolations=0):
-    return Workload(group_sizes, interpolations, weight_bytes=1000, flops_per_token=10, steps=4)
+    return Workload(group_sizes, interpolations, steps=4)
 
 
 def test_choice_follows_the_cost_models_predictions():
-    reads = CostModel(seconds_per_byte=1e-6, seconds_per_flop=1e-12, seconds_per_step=1e-9)
+    fixed_heavy = CostModel(single_fixed=1.0, single_per_row=0.01, mixed_fixed=2.0, mixed_per_row=0.02, interpolation=0.5)
     many = workload((1,) * 6, interpolations=4)
-    assert choose_strategy(many, reads) == "mixed"
-    assert reads.predict(many)["mixed"] < reads.predict(many)["bucketed"]
-    flops = CostModel(seconds_per_byte=1e-12, seconds_per_flop=1e-3, seconds_per_step=1e-9)
-    cases = ((workload((1, 1)), reads), (workload((30, 34), 1), reads), (many, flops), (workload((5, 5, 5)), flops))
+    assert choose_strategy(many, fixed_heavy) == "mixed"  # six loops of a fixed-cost step vs one twice as dear
+    row_heavy = CostModel(single_fixed=0.01, single_per_row=1.0, mixed_fixed=0.02, mixed_per_row=2.0, interpolation=0.5)
+    cases = ((workload((1, 1)), fixed_heavy), (workload((30, 34), 1), fixed_heavy), (many, row_heavy), (workload((5, 5, 5)), row_heavy))
     for work, model in cases:
         predicted = model.predict(work)
         assert choose_strategy(work, model) == min(predicted, key=predicted.get)
-    assert choose_strategy(workload((64,)), reads) == "bucketed"  # one lambda: the plain single-model path
+    assert choose_strategy(workload((64,)), fixed_heavy) == "bucketed"  # one lambda: the plain single-model path
 
 
 def test_predictions_by_hand():
-    model = CostModel(seconds_per_byte=2.0, seconds_per_flop=3.0, seconds_per_step=5.0)
-    work = workload((2, 3), interpolations=1)  # 1000 bytes, 10 FLOPs per token, 4 steps
-    # bucketed: per group 4 * (5 + 1000 * 2 + n * 10 * 3), plus one interpolation 3 * 1000 * 2
-    assert model.bucketed(work) == 4 * (5 + 2000 + 60) + 4 * (5 + 2000 + 90) + 6000
-    # mixed: 4 * (5 + 2 * 1000 * 2 + 2 * 5 * 10 * 3)
-    assert model.mixed(work) == 4 * (5 + 4000 + 300)
+    model = CostModel(single_fixed=5.0, single_per_row=2.0, mixed_fixed=7.0, mixed_per_row=3.0, interpolation=11.0)
+    work = workload((2, 3), interpolations=1)  # 4 steps
+    assert model.bucketed(work) == 4 * (5 + 2 * 2) + 4 * (5 + 2 * 3) + 11
+    assert model.mixed(work) == 4 * (7 + 3 * 5)  # 88 < 91
     assert choose_strategy(work, model) == "mixed"
 
 
-def test_workload_of_the_toy_pair(pair):
-    work = Workload.of(pair.instruct, LAMBDAS, NEW)
+def test_workload_of_a_batch():
+    work = Workload.of(LAMBDAS, NEW)
     assert work.group_sizes == (1, 2, 1, 1, 1, 2) and work.interpolations == 4 and work.steps == NEW
-    assert work.weight_bytes == sum(x.nbytes for x in jax.tree.leaves(pair.instruct))
-    kernels = sum(x.size for x in jax.tree.leaves(pair.instruct["layers"]) if x.ndim == 2)
-    assert work.flops_per_token == 2 * (kernels + pair.instruct["embed"].size)  # tied embeddings: the head
 
 
-def test_measured_cost_model_is_positive_and_cached():
-    model = CostModel.measure()
-    assert min(model.seconds_per_byte, model.seconds_per_flop, model.seconds_per_step) > 0
-    assert CostModel.measure() is model
+def test_measured_cost_model_is_positive_and_cached(pair):
+    model = CostModel.measure(pair)
+    assert model.single_fixed + model.single_per_row > 0 and model.mixed_fixed + model.mixed_per_row > 0
+    assert model.interpolation > 0
+    assert CostModel.measure(pair) is model
 
 
 # --------------------------------------------------------------------------- bad inputs
