@@ -24,6 +24,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402  (test-only dependency: reference logits)
 import transformers  # noqa: E402
 
+from dami_jax.models.checkpoint import save_hf_checkpoint  # noqa: E402
+from dami_jax.models.config import ModelConfig  # noqa: E402
+from dami_jax.models.params import init_params  # noqa: E402
+from dami_jax.toy.tokenizer import build_tokenizer, vocabulary  # noqa: E402
+
 
 @pytest.fixture
 def highest_precision():
@@ -199,6 +204,23 @@ def interrupted_on_call(fn: Callable, call: int) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def write_tiny_pair(tmp_path_factory, seeds=(0, 1)) -> list[Path]:
+    """Two tiny random Qwen3 HF folders with the toy tokenizer: an Instruct one (plain chat
+    template) and a Thinking one (the template opens the think block). Plumbing only: they
+    answer nothing right."""
+    vocab = vocabulary()
+    cfg = ModelConfig(architecture="qwen3", vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=256,
+                      eos_token_ids=(vocab["<|im_end|>"],), pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
+    paths = []
+    for seed, thinking in zip(seeds, (False, True)):
+        path = tmp_path_factory.mktemp("thinking" if thinking else "instruct")
+        save_hf_checkpoint(path, cfg, init_params(cfg, jax.random.key(seed), scale=0.3))
+        build_tokenizer(thinking).save_pretrained(path)
+        paths.append(path)
+    return paths
 
 
 def random_tokens(batch: int, length: int, seed: int = 0, vocab: int = VOCAB) -> np.ndarray:

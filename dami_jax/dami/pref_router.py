@@ -174,7 +174,8 @@ def _new_net(info: RouterInfo, config: TrainConfig) -> ScoreNet:
 
 def _optimizer(net: ScoreNet, config: TrainConfig, steps_per_epoch: int) -> nnx.Optimizer:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_epochs * steps_per_epoch, config.max_epochs * steps_per_epoch,
+        0.0, config.learning_rate, min(config.warmup_epochs, config.max_epochs - 1) * steps_per_epoch,
+        config.max_epochs * steps_per_epoch,
         end_value=0.1 * config.learning_rate,
     )  # fmt: skip
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adamw(schedule, weight_decay=config.weight_decay))

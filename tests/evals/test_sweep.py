@@ -3,11 +3,9 @@ tiny random pair with the toy tokenizer."""
 
 import dataclasses
 
-import jax
 import pytest
-from conftest import interrupted_on_call
+from conftest import interrupted_on_call, write_tiny_pair
 
-import dami_jax as dj
 import dami_jax.evals.sweep as sweep_module
 from dami_jax.dami.pair import load_pair
 from dami_jax.decoding.sampling import Sampling
@@ -16,28 +14,12 @@ from dami_jax.evals.frontier import SweepPoint, format_table, frontier_shape, pa
 from dami_jax.evals.plots import frontier_labels, plot_frontier
 from dami_jax.evals.records import JsonlLog, StaleResultsError
 from dami_jax.evals.sweep import RECORDS_FILE, SweepConfig, run_sweep
-from dami_jax.models.config import ModelConfig
 from dami_jax.toy.evaluation import toy_problems
-from dami_jax.toy.tokenizer import build_tokenizer, vocabulary
-
-
-def _write_pair(tmp_path_factory, seeds=(0, 1)):
-    vocab = vocabulary()
-    cfg = ModelConfig(architecture="qwen3", vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=256,
-                      eos_token_ids=(vocab["<|im_end|>"],), pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
-    paths = []
-    for seed, thinking in zip(seeds, (False, True)):
-        path = tmp_path_factory.mktemp("thinking" if thinking else "instruct")
-        dj.save_hf_checkpoint(path, cfg, dj.init_params(cfg, jax.random.key(seed), scale=0.3))
-        build_tokenizer(thinking).save_pretrained(path)
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    return load_pair(*_write_pair(tmp_path_factory))
+    return load_pair(*write_tiny_pair(tmp_path_factory))
 
 
 CONFIG = SweepConfig(lambdas=(0.0, 0.5, 1.0), max_new_tokens=10, batch_size=4, style="toy")
@@ -80,7 +62,7 @@ def test_other_settings_or_models_are_refused_not_reused(tiny_pair, tmp_path, tm
         run_sweep(tiny_pair, problems, tmp_path, dataclasses.replace(CONFIG, max_new_tokens=8, template="instruct"))
     with pytest.raises(StaleResultsError, match="temperature"):
         run_sweep(tiny_pair, problems, tmp_path, dataclasses.replace(CONFIG, sampling=Sampling(temperature=0.7)))
-    other = load_pair(*_write_pair(tmp_path_factory, seeds=(0, 2)))  # same Instruct end, another Thinking end
+    other = load_pair(*write_tiny_pair(tmp_path_factory, seeds=(0, 2)))  # same Instruct end, another Thinking end
     with pytest.raises(StaleResultsError, match="thinking_weights") as refused:
         run_sweep(other, problems, tmp_path, CONFIG)
     assert "instruct_weights" not in str(refused.value)
