@@ -2,7 +2,9 @@
 
 Two strategies give the same tokens (up to float rounding at intermediate lambdas):
 - ``bucketed``: one batched :func:`generate` per distinct lambda, on a theta(lambda) interpolated
-  into one reused buffer (no third model); the weights are read once per group and step.
+  into one reused buffer (no third model); the weights are read once per group and step. Groups
+  are padded to a multiple of ``GROUP_BUCKET`` rows, so that any mix of group sizes compiles a
+  handful of shapes rather than one per size.
 - ``mixed``: one batch and one decode loop; every weight op mixes both endpoints' outputs per row
   (:class:`dami_jax.models.rowmix.RowMix`), so no theta(lambda) exists; both endpoints are read and
   the matmul FLOPs double, but once per step for all lambdas together.
@@ -50,7 +52,13 @@ class Workload:
         return cls(tuple(int(n) for n in sizes), int(np.sum((values != 0) & (values != 1))), max_new_tokens)
 
 
+GROUP_BUCKET = 8  # bucketed groups are padded to a multiple of this many rows, to bound recompiles
 PROBE_BATCH = 8  # the second batch size decode steps are timed at (the first is 1)
+
+
+def group_rows(n: int) -> int:
+    """Rows a bucketed group of ``n`` prompts is generated with (padded with repeats of one of them)."""
+    return -(-n // GROUP_BUCKET) * GROUP_BUCKET
 PROBE_CACHE = 256  # cache slots of the timed steps
 
 
@@ -78,7 +86,7 @@ class CostModel:
 
     def bucketed(self, work: Workload) -> float:
         """Each group decodes on its own, after its interpolation."""
-        steps = sum(work.steps * (self.single_fixed + self.single_per_row * n) for n in work.group_sizes)
+        steps = sum(work.steps * (self.single_fixed + self.single_per_row * group_rows(n)) for n in work.group_sizes)
         return steps + work.interpolations * self.interpolation
 
     def mixed(self, work: Workload) -> float:
@@ -180,10 +188,12 @@ def serve(
             params = pair.instruct if value == 0.0 else pair.thinking  # what interpolate would return, bit for bit
         else:
             params = theta = interpolate(pair.instruct, pair.thinking, value, out=theta, extrapolate=extrapolate)
-        parts.append(generate(
-            params, pair.cfg, [prompts[i] for i in rows], key=None if keys is None else keys[np.asarray(rows)],
-            stop_tokens=stop_tokens if stop_rows is None else [stop_rows[i] for i in rows], **options,
-        ))  # fmt: skip
+        padded = rows + rows[:1] * (group_rows(len(rows)) - len(rows))  # repeats of a row add no steps
+        out = generate(
+            params, pair.cfg, [prompts[i] for i in padded], key=None if keys is None else keys[np.asarray(padded)],
+            stop_tokens=stop_tokens if stop_rows is None else [stop_rows[i] for i in padded], **options,
+        )  # fmt: skip
+        parts.append(jax.tree.map(lambda x: x[: len(rows)], out))
         order += rows
     inverse = np.argsort(order)
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[inverse], *parts)

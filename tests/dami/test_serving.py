@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
-from dami_jax.dami.serving import CostModel, Workload, choose_strategy
+from dami_jax.dami.serving import CostModel, Workload, choose_strategy, group_rows
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.models.rowmix import RowMix, mix_rows
 from dami_jax.toy.evaluation import toy_problems
@@ -133,10 +133,11 @@ def test_choice_follows_the_cost_models_predictions():
 
 def test_predictions_by_hand():
     model = CostModel(single_fixed=5.0, single_per_row=2.0, mixed_fixed=7.0, mixed_per_row=3.0, interpolation=11.0)
-    work = workload((2, 3), interpolations=1)  # 4 steps
-    assert model.bucketed(work) == 4 * (5 + 2 * 2) + 4 * (5 + 2 * 3) + 11
-    assert model.mixed(work) == 4 * (7 + 3 * 5)  # 88 < 91
+    work = workload((2, 3), interpolations=1)  # 4 steps; each group is padded to 8 rows
+    assert model.bucketed(work) == 2 * 4 * (5 + 2 * 8) + 11
+    assert model.mixed(work) == 4 * (7 + 3 * 5)  # 88 < 179
     assert choose_strategy(work, model) == "mixed"
+    assert [group_rows(n) for n in (1, 8, 9, 17)] == [8, 8, 16, 24]
 
 
 def test_workload_of_a_batch():
