@@ -162,12 +162,13 @@ def _cache_config(name: str, model: Path, cfg):
     import dataclasses
 
     from dami_jax.decoding.cache import DenseCacheConfig
+    from dami_jax.evals.calibration import quantized_layers_or_profile
     from dami_jax.tailorkv.cache import PRESETS
-    from dami_jax.tailorkv.profiling import quantized_layers_for
 
     if CACHES[name] is None:
         return DenseCacheConfig()
-    config = dataclasses.replace(PRESETS[CACHES[name]], quantized_layers=quantized_layers_for(model, cfg.num_layers))
+    layers = quantized_layers_or_profile(model, cfg.num_layers)
+    config = dataclasses.replace(PRESETS[CACHES[name]], quantized_layers=layers)
     try:
         config.validate(cfg)
     except ValueError as e:
@@ -430,12 +431,17 @@ def _niah(args: argparse.Namespace) -> None:
     out = _out(args.out)
     model = _checkpoint(args.model, "--model")
 
+    from dami_jax.evals.calibration import quantized_layers_or_profile
     from dami_jax.evals.niah.run import LOG_FILE, run_niah
     from dami_jax.models.config import read_hf_config
 
-    positions = read_hf_config(model).max_position_embeddings
+    cfg = read_hf_config(model)
+    positions = cfg.max_position_embeddings
     if max(args.lengths) > positions:
         raise UsageError(f"--lengths: {max(args.lengths)} tokens exceed the model's {positions} positions")
+    quantized_layers = args.quantized_layers
+    if quantized_layers is None and set(args.configs) & set(CACHES.values()):  # a TailorKV preset runs
+        quantized_layers = quantized_layers_or_profile(model, cfg.num_layers)
     if args.fresh:
         _start_fresh(out)
     started = time.perf_counter()
@@ -443,7 +449,7 @@ def _niah(args: argparse.Namespace) -> None:
         run_niah(
             model, lengths=args.lengths, depths=args.depths, configs=args.configs, out_dir=out,
             max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens, seed=args.seed,
-            quantized_layers=args.quantized_layers, torch_threads=args.torch_threads,
+            quantized_layers=quantized_layers, torch_threads=args.torch_threads,
         )  # fmt: skip
     print(f"records: {out / LOG_FILE}\nheat map: {out / 'niah.png'}\n{time.perf_counter() - started:.0f} s wall")
 
@@ -523,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(gen, "PRNG seed for sampling")
     gen.add_argument("--stream", action="store_true", help="print the answer as it is written (one prompt)")
     gen.add_argument("--cache", choices=tuple(CACHES), default="dense",
-                     help="KV cache; TailorKV needs the model's layer profile (dami-jax profile-layers) or a built-in split")  # fmt: skip
+                     help="KV cache; TailorKV needs the model's layer profile (dami-jax profile-layers; "
+                          "smollm2 is profiled on first use) or a published split")  # fmt: skip
     gen.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
     gen.add_argument("--raw", action="store_true", help="no chat template")
 
@@ -573,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof = command("profile-layers", "TailorKV: score each layer's attention density, split dense/sparse", _profile_layers)
     prof.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     prof.add_argument("--tau", type=fraction, metavar="X", default=0.2, help="score above which a layer is dense (quantized)")
-    prof.add_argument("--max-tokens", type=positive_int, metavar="N", default=2048, help="calibration prompt length (GSM8K few-shot)")
+    prof.add_argument("--max-tokens", type=positive_int, metavar="N",
+                      help="keep only the last N tokens of the calibration prompt (50 GSM8K worked examples and a "
+                           "question; default: all of it, up to the model's positions)")  # fmt: skip
     prof.add_argument("--alpha", type=open_fraction, metavar="X", default=0.05, help="top fraction of keys kept per query")
     prof.add_argument("--last-q", type=positive_int, metavar="N", default=32, help="queries scored, from the prompt's end")
     prof.add_argument("--out", metavar="DIR", default="runs/layer-profile", help="output folder (layer_profile.json + plot)")
@@ -584,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--depths", type=fraction, nargs="+", metavar="X", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
     niah.add_argument("--configs", nargs="+", choices=NIAH_CONFIGS, default=list(NIAH_CONFIGS), help="KV caches")
     niah.add_argument("--quantized-layers", type=nonnegative_int, nargs="*", metavar="N",
-                      help="TailorKV's quantized layers (default: the model's layer profile or built-in split)")  # fmt: skip
+                      help="TailorKV's quantized layers (default: the model's layer profile, made on first use "
+                           "for smollm2, or its published split)")  # fmt: skip
     niah.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=32, help="answer length for accuracy")
     niah.add_argument("--kl-tokens", type=positive_int, metavar="N", default=64, help="greedy tokens compared with dense (agreement, KL)")
     niah.add_argument("--seed", type=nonnegative_int, metavar="N", default=0, help="which needles (keys, numbers)")

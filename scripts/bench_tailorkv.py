@@ -22,10 +22,10 @@ import numpy as np
 import dami_jax as dj
 from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache
 from dami_jax.decoding.generation import decode_step
+from dami_jax.evals.calibration import quantized_layers_or_profile
 from dami_jax.evals.timing import call_times
 from dami_jax.models.pinned import smollm2_checkpoint
 from dami_jax.tailorkv.cache import TAILORKV_1, TAILORKV_2, bytes_moved_per_step
-from dami_jax.tailorkv.profiling import quantized_layers_for
 
 
 def device_bytes(cache) -> int:
@@ -106,7 +106,7 @@ def main() -> None:
     cfg, params = dj.load_checkpoint(path, dtype=np.float32)
     # Timing beyond the trained 8k positions is fine: RoPE extrapolates, and quality is not measured here.
     cfg = dataclasses.replace(cfg, max_position_embeddings=max(args.contexts) + 64)
-    layers = quantized_layers_for(path, cfg.num_layers)
+    layers = quantized_layers_or_profile(path, cfg.num_layers)
     configs = {
         "dense": DenseCacheConfig(),
         "TailorKV-1": dataclasses.replace(TAILORKV_1, quantized_layers=layers),

@@ -21,6 +21,7 @@ from dami_jax.evals.niah.run import CONFIG_NAMES
 from dami_jax.evals.route_eval import SPECIAL_ROUTERS
 from dami_jax.evals.router_data import MIXES
 from dami_jax.models.config import ModelConfig
+from dami_jax.models.pinned import SMOLLM2_NAME, SMOLLM2_SHA256
 from dami_jax.tailorkv.cache import PRESETS
 from dami_jax.toy.pair import toy_pair_paths
 from dami_jax.toy.tokenizer import build_tokenizer, vocabulary
@@ -238,6 +239,7 @@ def test_profile_layers_on_the_toy_model(capsys, tmp_path):
     assert code == 0 and "dense layers" in out
     profile = json.loads((tmp_path / "layer_profile.json").read_text())
     assert profile["num_tokens"] == 256 and profile["num_layers"] == 4
+    assert profile["calibration"].endswith("cut to the last 256")
     assert (tmp_path / "layer_profile.png").stat().st_size > 0
     assert_user_error(*run(capsys, "profile-layers", INSTRUCT, "--tau", "2")[::2], "--tau")
 
@@ -271,6 +273,31 @@ def test_niah_runs_resumes_and_refuses_other_settings(capsys, tmp_path, chat_mod
     assert_user_error(*run(capsys, *argv, "--configs", "H2O")[::2], "--configs", "invalid choice")
     assert_user_error(*run(capsys, *argv, "--depths", "1.5")[::2], "--depths")
     assert (tmp_path / "niah.jsonl").read_text() == records
+
+
+def test_tailorkv_profiles_the_pinned_model_once_and_never_a_users_folder(capsys, tmp_path, monkeypatch, chat_model):
+    """smollm2's converted folder (here the tiny chat model, in a fresh cache) has no profile and no
+    published split: the first TailorKV run profiles it into that folder, later runs reuse it."""
+    monkeypatch.setenv("DAMI_JAX_CACHE", str(tmp_path / "cache"))
+    converted = shutil.copytree(chat_model, tmp_path / "cache" / f"smollm2-{SMOLLM2_SHA256[:12]}" / SMOLLM2_NAME)
+    generate = ["generate", "smollm2", "hi", "--cache", "tailorkv-1", "--max-new-tokens", "4"]
+    code, out, err = run(capsys, *generate)
+    assert code == 0 and ">>> " in out and "profiling the layers" in err
+    profile = json.loads((converted / "layer_profile.json").read_text())
+    assert profile["num_layers"] == 2 and profile["calibration"].startswith("gsm8k-offline (GSM8K test): 50 ")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("profiled again")
+
+    niah_calls = []
+    monkeypatch.setattr("dami_jax.evals.calibration.profile_checkpoint", no_work)
+    monkeypatch.setattr("dami_jax.evals.niah.run.run_niah", lambda *args, **kwargs: niah_calls.append(kwargs))
+    assert run(capsys, *generate)[:2] == (0, out)
+    assert run(capsys, "niah", "--lengths", "640", "--configs", "TailorKV-2", "--out", str(tmp_path / "niah"))[0] == 0
+    assert niah_calls[0]["quantized_layers"] == tuple(profile["dense_layers"])
+    mine = shutil.copytree(chat_model, tmp_path / "mine")
+    assert_user_error(*run(capsys, "generate", str(mine), "hi", *generate[-4:])[::2], "dami-jax profile-layers")
+    assert not (mine / "layer_profile.json").exists()
 
 
 def test_a_missing_optional_package_names_the_install_command(capsys, tmp_path, monkeypatch):

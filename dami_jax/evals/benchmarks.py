@@ -145,20 +145,23 @@ def gsm8k_final_answer(solution: str) -> str:
     return found[-1].strip().replace(",", "")
 
 
+def gsm8k_offline_rows() -> list[dict[str, Any]]:
+    """The 100 TOML rows by file name: ``question``, the full worked ``answer`` (GSM8K's solution
+    ending in ``#### N``), ``id_orig`` (GSM8K test index) and GSM-Symbolic's template fields."""
+    return [tomllib.loads(raw.decode("utf-8")) for _, raw in sorted(_gsm_symbolic_tomls().items())]
+
+
 def load_gsm8k_offline() -> list[Problem]:
     """100 original GSM8K test questions (ids are GSM8K test indices), ordered by file name."""
-    problems = []
-    for key, raw in sorted(_gsm_symbolic_tomls().items()):
-        row = tomllib.loads(raw.decode("utf-8"))
-        problems.append(
-            Problem(
-                id=f"gsm8k-test-{row['id_orig']}",
-                question=row["question"].strip(),
-                answer=gsm8k_final_answer(row["answer"]),
-                source="gsm8k",
-            )
+    return [
+        Problem(
+            id=f"gsm8k-test-{row['id_orig']}",
+            question=row["question"].strip(),
+            answer=gsm8k_final_answer(row["answer"]),
+            source="gsm8k",
         )
-    return problems
+        for row in gsm8k_offline_rows()
+    ]
 
 
 # --- Hugging Face datasets (never called in tests) -----------------------------------------------

@@ -27,7 +27,7 @@ def smollm2_gguf() -> Path:
 def smollm2_checkpoint() -> Path:
     """An HF folder converted from :func:`smollm2_gguf` on first use (announced on stderr: it takes
     about a minute and writes ~540 MB), then cached under :func:`dami_jax.models.assets.cache_dir`."""
-    # Named as on the hub, so that name-keyed lookups (profiling.BUILTIN_SPLITS) recognise it.
+    # Named as on the hub: profiles and records name a model by its folder.
     out = cache_dir() / f"smollm2-{SMOLLM2_SHA256[:12]}" / SMOLLM2_NAME
     if not (out / "model.safetensors").is_file():
         check_convert_extra()

@@ -11,7 +11,10 @@
   every generated token and the per-channel max |K|. Each decode step predicts the layer's
   query from the previous layer's input (lookahead), scores channels s_i = |mean_group q_i| *
   max|K_i|, estimates attention over all prompt tokens from the top ``num_channels`` channels,
-  and brings only the top-k tokens' rows to the device. Nothing is evicted.
+  and brings only the top-k tokens' rows to the device. Nothing is evicted. How a KV group's
+  query heads turn into one token score is ``TailorKVConfig.token_score``: ``"group_mean"``
+  (the reference code: the group-mean query at the chosen channels) or ``"head_max"`` (ours:
+  each query head's partial dot product, max over the group).
 
 Host memory inside jit: a gather cannot mix memory spaces, so the gathers of selected rows run
 on the host (``compute_on("device_host")``) and only their results cross to the device.
@@ -42,10 +45,20 @@ from dami_jax.tailorkv.quant import (
 )
 from dami_jax.tailorkv.quant_attention import quantized_attention
 
+TOKEN_SCORES = ("group_mean", "head_max")
+
 
 @dataclasses.dataclass(frozen=True)
 class TailorKVConfig:
-    """Budget = sink + recent + top-k prompt tokens per sparse layer and KV head."""
+    """Budget = sink + recent + top-k prompt tokens per sparse layer and KV head.
+
+    ``token_score``: how a sparse layer ranks prompt tokens for one KV head from its query group's
+    partial dot products at the chosen channels. ``"group_mean"`` is the reference code's (the
+    group-mean query dotted with the keys). ``"head_max"`` (each query head's own dot product,
+    max over the group) is ours: a token that one head needs is not averaged away by the others.
+    It is kept because on SmolLM2 NIAH it found as many needles or more, with lower KL to dense
+    (docs/results.md, "TailorKV token scoring: reference vs ours").
+    """
 
     bits: int = 1
     budget: int = 192
@@ -57,8 +70,11 @@ class TailorKVConfig:
     quantized_layers: tuple[int, ...] = (0,)  # the paper's split for Llama-3.1-8B; profile yours
     scale_dtype: str = "float16"
     offload: bool = True  # keep sparse layers' prompt K/V in host memory
+    token_score: str = "group_mean"  # one of TOKEN_SCORES
 
     def __post_init__(self):
+        if self.token_score not in TOKEN_SCORES:
+            raise ValueError(f"token_score must be one of {TOKEN_SCORES}, got token_score={self.token_score!r}")
         if self.bits not in BIT_WIDTHS:
             raise ValueError(f"bits must be one of {BIT_WIDTHS}, got bits={self.bits}")
         if min(self.sink, self.recent) < 0 or self.num_channels < 1:
@@ -163,6 +179,16 @@ def select_channels(query: jax.Array, k_absmax: jax.Array, num_channels: int) ->
     return jax.lax.top_k(jnp.abs(group_mean) * k_absmax, num_channels)[1].astype(jnp.int32)
 
 
+def token_scores(q_channels: jax.Array, channel_rows: jax.Array, mode: str) -> jax.Array:
+    """q_channels [B, Hkv, G, C] (a KV group's queries at its chosen channels), channel_rows
+    [B, Hkv, C, P] (those channels of every prompt key) -> float32 [B, Hkv, P] partial scores,
+    one per KV head and token (see ``TailorKVConfig.token_score``)."""
+    rows = channel_rows.astype(jnp.float32)
+    if mode == "group_mean":
+        return jnp.einsum("bhc,bhcp->bhp", q_channels.astype(jnp.float32).mean(axis=2), rows)
+    return jnp.einsum("bhgc,bhcp->bhgp", q_channels.astype(jnp.float32), rows).max(axis=2)
+
+
 def _sparse_layer(config, cfg: ModelConfig, k, v, start, prompt_len: int) -> SparseLayerCache:
     b, h, size, hd = k.shape
     k_prompt, v_prompt = k[:, :, :prompt_len], v[:, :, :prompt_len]
@@ -251,7 +277,7 @@ class TailorKVCache:
             # Approximate scores of every prompt token from the chosen channels only.
             channel_rows = _host_take(state.kt_host, channels[..., None], axis=2, config=config)  # [B, Hkv, C, P]
             q_channels = jnp.take_along_axis(q[:, 0].reshape(b, hkv, hq // hkv, hd), channels[:, :, None, :], axis=3)
-            approx = jnp.einsum("bhgc,bhcp->bhgp", q_channels, channel_rows.astype(jnp.float32)).max(axis=2)
+            approx = token_scores(q_channels, channel_rows, config.token_score)
             slots = jnp.arange(prompt_len)
             eligible = (slots >= self.start[:, None] + config.sink) & (slots < prompt_len - config.recent)
             approx = jnp.where(eligible[:, None, :], approx, -jnp.inf)

@@ -5,7 +5,7 @@ The dense preference score of a layer is the attention mass that falls *outside*
 top ``alpha`` fraction of keys, averaged over the last ``last_q`` queries of a calibration prefill
 and over query heads. Dense layers (score > tau) lose a lot when tokens are dropped but tolerate
 low-bit quantization; sparse layers are the opposite. The split is computed once per model and
-stored as JSON; the paper's own splits are built in for the models it studied.
+stored as JSON; the splits the authors published are built in for the models they studied.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import numpy as np
 
 from dami_jax.errors import InputError
 from dami_jax.files import write_atomic
-from dami_jax.models.attention import MASKED_SCORE
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.model import observe_layers
 from dami_jax.models.params import Params
@@ -33,17 +32,17 @@ LAST_Q = 32  # queries scored, from the end of the calibration prompt
 TAU = 0.2  # score above which a layer is dense (quantization-friendly)
 PROFILE_FILE = "layer_profile.json"
 
-# Known splits (quantized = dense layers), keyed by normalize_model_name(hub name): the paper's,
-# then ours from `dami-jax profile-layers` (tau 0.2).
+# The published splits (quantized = dense layers), keyed by normalize_model_name(hub name): the
+# models of the reference code's config/model2quantlayer.json (ydyhello/TailorKV), which the paper
+# reports. Its AWQ int4 checkpoints are left out (not loadable here). Any other model is profiled:
+# a split is never carried over to a model it was not measured on.
 BUILTIN_SPLITS: dict[str, tuple[int, ...]] = {
-    "llama318binstruct": (0,),  # meta-llama/Llama-3.1-8B-Instruct
-    "metallama318binstruct": (0,),  # its older hub name, Meta-Llama-3.1-8B-Instruct
-    "llama27b32k": (0, 1),  # togethercomputer/LLaMA-2-7B-32K
+    "metallama318binstruct": (0,),  # NousResearch/Meta-Llama-3.1-8B-Instruct (the reference's copy)
+    "llama318binstruct": (0,),  # meta-llama/Llama-3.1-8B-Instruct: the same weights, renamed on the hub
+    "llama27b32kinstruct": (0, 1),  # togethercomputer/Llama-2-7B-32K-Instruct
     "yi6b200k": (0, 1),  # 01-ai/Yi-6B-200K
     "yi9b200k": (0, 1),  # 01-ai/Yi-9B-200K
-    "mistral7bv03": (0,),  # mistralai/Mistral-7B-v0.3
     "mistral7binstructv03": (0,),  # mistralai/Mistral-7B-Instruct-v0.3
-    "smollm2135minstruct": (0, 1, 2),  # HuggingFaceTB/SmolLM2-135M-Instruct (ours; docs/results.md)
 }
 
 
@@ -131,14 +130,15 @@ def _outside_top_k_mass(q: jax.Array, k: jax.Array, top_k: int) -> jax.Array:
     """Mean attention mass outside the top_k keys of each row.
 
     q: the last n rotated queries [B, n, Hq, hd] of a length-T prompt; k: [B, T, Hkv, hd].
-    Only these n rows are formed (n x T), never the full T x T matrix.
+    Only these n rows are formed (n x T), never the full T x T matrix. No causal mask, as in the
+    reference code (its score is softmax(Q_last K^T / sqrt(d)) over all T keys): each of the n
+    queries also weighs the up to n - 1 keys after it, and the published splits were measured so.
     """
     b, n, hq, hd = q.shape
-    t, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     qg = q.reshape(b, n, hkv, hq // hkv, hd)  # query head h reads KV head h // (Hq / Hkv)
     logits = jnp.einsum("bnhgd,bshd->bhgns", qg, k, preferred_element_type=jnp.float32) * hd**-0.5
-    visible = jnp.arange(t)[None, :] <= (t - n + jnp.arange(n))[:, None]  # [n, T] causal
-    probs = jax.nn.softmax(jnp.where(visible, logits, MASKED_SCORE), axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)
     kept = jax.lax.top_k(probs, top_k)[0].sum(-1)
     return jnp.mean(1.0 - kept)
 
@@ -152,7 +152,8 @@ def _scores(params: Params, cfg: ModelConfig, tokens: jax.Array, last_q: int, to
 def dense_preference_scores(
     params: Params, cfg: ModelConfig, tokens: Any, alpha: float = ALPHA, last_q: int = LAST_Q
 ) -> np.ndarray:
-    """float64 [num_layers] scores in [0, 1] for int tokens [T] or [B, T] (no padding)."""
+    """float64 [num_layers] scores in [0, 1] for int tokens [T] or [B, T] (no padding); the last
+    ``last_q`` queries attend to all T keys, unmasked (see :func:`_outside_top_k_mass`)."""
     _check_fraction("alpha", alpha, low_open=True)
     if not isinstance(last_q, int) or last_q < 1:
         raise ValueError(f"last_q must be a positive int, got {last_q!r}")
@@ -207,8 +208,9 @@ def quantized_layers_for(
 ) -> tuple[int, ...]:
     """The dense (to-be-quantized) layers of a model.
 
-    Order: ``profile_path``; else ``<model folder>/layer_profile.json``; else the paper's
-    built-in splits by normalised name; else LookupError saying how to make a profile.
+    Order: ``profile_path``; else ``<model folder>/layer_profile.json``; else the published
+    splits (:data:`BUILTIN_SPLITS`) by normalised name; else MissingProfileError saying how to
+    make a profile.
     """
     folder_profile = Path(model_name_or_path) / PROFILE_FILE
     if profile_path is None and folder_profile.is_file():

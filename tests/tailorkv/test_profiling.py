@@ -1,4 +1,5 @@
-"""TailorKV layer identification: constructed dense/sparse layers, brute-force parity, JSON, lookup."""
+"""TailorKV layer identification: constructed dense/sparse layers, brute-force parity (unmasked, as
+the reference scores), JSON, lookup, the calibration prompt."""
 
 import json
 
@@ -8,9 +9,13 @@ import pytest
 import torch
 
 import dami_jax as dj
+from dami_jax.evals.benchmarks import gsm8k_offline_rows
+from dami_jax.evals.calibration import FINAL_QUESTION, calibration_text, calibration_tokens
 from dami_jax.evals.plots import plot_profile
 from dami_jax.models.config import ModelConfig
+from dami_jax.models.tokenizer import load_tokenizer
 from dami_jax.tailorkv.profiling import (
+    BUILTIN_SPLITS,
     LayerProfile,
     dense_preference_scores,
     format_profile,
@@ -55,9 +60,8 @@ def test_constructed_dense_and_sparse_layers_are_classified():
     t, top_k = 200, 10  # int(0.05 * 200)
     profile = profile_layers(params, cfg, _tokens(t, cfg.vocab_size), model="constructed")
     assert profile.dense_layers == (1,) and profile.sparse_layers == (0, 2)
-    # Uniform attention: query at position p keeps top_k / (p + 1) of its mass.
-    uniform = np.mean([1 - top_k / (p + 1) for p in range(t - 32, t)])
-    np.testing.assert_allclose(profile.scores[1], uniform, atol=1e-5)
+    # Uniform attention over all t keys (no causal mask): each query keeps top_k / t of its mass.
+    np.testing.assert_allclose(profile.scores[1], 1 - top_k / t, atol=1e-5)
     assert profile.scores[0] < 0.01 and profile.scores[2] < 0.01
     assert profile.num_tokens == t and profile.model == "constructed"
 
@@ -77,7 +81,7 @@ def _score_from_probs(probs: np.ndarray, alpha: float, last_q: int) -> float:
     return float(np.mean(1 - rows[..., : max(1, int(alpha * t))].sum(-1)))
 
 
-def test_layer_score_matches_numpy_brute_force():
+def test_layer_score_matches_numpy_brute_force_without_a_causal_mask():
     cfg = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)  # fmt: skip
     params = dj.init_params(cfg, jax.random.key(1), scale=0.5)
@@ -88,28 +92,32 @@ def test_layer_score_matches_numpy_brute_force():
     x = h / np.sqrt(np.mean(h * h, -1, keepdims=True) + cfg.rms_norm_eps) * layer["attn_norm"]
     q = _rope_np((x @ layer["attn"]["q"]).reshape(t, cfg.num_heads, hd), np.arange(t), cfg.rope.theta)
     k = _rope_np((x @ layer["attn"]["k"]).reshape(t, cfg.num_kv_heads, hd), np.arange(t), cfg.rope.theta)
-    probs = np.zeros((cfg.num_heads, t, t))
-    for head in range(cfg.num_heads):
-        kv = head // (cfg.num_heads // cfg.num_kv_heads)
-        logits = q[:, head] @ k[:, kv].T / np.sqrt(hd)
-        logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
-        e = np.exp(logits - logits.max(-1, keepdims=True))
-        probs[head] = e / e.sum(-1, keepdims=True)
+    kv = np.arange(cfg.num_heads) // (cfg.num_heads // cfg.num_kv_heads)
+    logits = np.einsum("thd,shd->hts", q, k[:, kv]) / np.sqrt(hd)
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    unmasked, causal = softmax(logits), softmax(np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf))
     for alpha, last_q in ((0.05, 32), (0.2, 7), (0.01, 200)):  # last_q > T: every row
-        expected = _score_from_probs(probs, alpha, min(last_q, t))
+        expected = _score_from_probs(unmasked, alpha, min(last_q, t))
         actual = dense_preference_scores(params, cfg, tokens, alpha=alpha, last_q=last_q)
         np.testing.assert_allclose(actual, [expected], atol=1e-5)
+    # The mask matters at the defaults: the causal score is 0.036, the reference's (unmasked) 0.050.
+    assert abs(dense_preference_scores(params, cfg, tokens)[0] - _score_from_probs(causal, 0.05, 32)) > 0.01
 
 
 def test_every_layer_matches_transformers_attention_weights(make_tiny):
+    """The last query row, where causal and unmasked attention agree, checks q and k per layer."""
     tiny = make_tiny("qwen3")  # qk-norm, GQA, head_dim != hidden / heads
     tiny.model.set_attn_implementation("eager")
     tokens = np.random.default_rng(2).integers(3, 256, (1, 120))
     with torch.no_grad():
         out = tiny.model(torch.as_tensor(tokens), output_attentions=True)
-    expected = [_score_from_probs(a[0].double().numpy(), 0.05, 32) for a in out.attentions]
+    expected = [_score_from_probs(a[0].double().numpy(), 0.05, 1) for a in out.attentions]
     cfg, params = dj.load_checkpoint(tiny.path)
-    np.testing.assert_allclose(dense_preference_scores(params, cfg, tokens), expected, atol=1e-5)
+    np.testing.assert_allclose(dense_preference_scores(params, cfg, tokens, last_q=1), expected, atol=1e-5)
 
 
 def _profile() -> LayerProfile:
@@ -132,14 +140,24 @@ def test_json_round_trip_table_and_plot(tmp_path):
         LayerProfile.from_json({"scores": [0.5]})
 
 
+def test_builtin_splits_are_the_published_ones():
+    """The reference's config/model2quantlayer.json (AWQ checkpoints left out), plus meta-llama's
+    current name of the same Llama-3.1-8B-Instruct weights; nothing measured by us."""
+    assert BUILTIN_SPLITS == {
+        "metallama318binstruct": (0,), "llama318binstruct": (0,), "llama27b32kinstruct": (0, 1),
+        "yi6b200k": (0, 1), "yi9b200k": (0, 1), "mistral7binstructv03": (0,),
+    }  # fmt: skip
+
+
 def test_quantized_layers_lookup_order_and_error(tmp_path):
     assert normalize_model_name("meta-llama/Llama-3.1-8B-Instruct") == "llama318binstruct"
     assert quantized_layers_for("meta-llama/Llama-3.1-8B-Instruct", 32) == (0,)
+    assert quantized_layers_for("NousResearch/Meta-Llama-3.1-8B-Instruct", 32) == (0,)
     assert quantized_layers_for("01-ai/Yi-9B-200K", 48) == (0, 1)
-    assert quantized_layers_for("mistralai/Mistral-7B-v0.3", 32) == (0,)
+    assert quantized_layers_for("mistralai/Mistral-7B-Instruct-v0.3", 32) == (0,)
     folder = tmp_path / "ckpt"  # a folder name that says nothing; config.json names the model
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_name_or_path": "togethercomputer/LLaMA-2-7B-32K"}))
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "togethercomputer/Llama-2-7B-32K-Instruct"}))
     assert quantized_layers_for(folder, 32) == (0, 1)
     # A saved profile wins over the table: explicit path, then one inside the model folder.
     saved = _profile().save(tmp_path / "elsewhere.json")
@@ -148,9 +166,14 @@ def test_quantized_layers_lookup_order_and_error(tmp_path):
     assert quantized_layers_for(folder, 3) == (1, 2)
     with pytest.raises(ValueError, match="3 layers, the model has 32"):
         quantized_layers_for(folder, 32)
-    assert quantized_layers_for("HuggingFaceTB/SmolLM2-135M-Instruct", 30) == (0, 1, 2)  # ours, measured
-    with pytest.raises(LookupError, match="dami-jax profile-layers"):
-        quantized_layers_for("HuggingFaceTB/SmolLM2-360M-Instruct", 32)
+    unpublished = (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "mistralai/Mistral-7B-v0.3",
+        "togethercomputer/LLaMA-2-7B-32K",
+    )
+    for name in unpublished:
+        with pytest.raises(LookupError, match="dami-jax profile-layers"):
+            quantized_layers_for(name, 32)
 
 
 @pytest.mark.parametrize(
@@ -165,3 +188,26 @@ def test_invalid_arguments_name_themselves(kwargs, name):
     if name != "last_q":
         with pytest.raises(ValueError, match=name):
             LayerProfile((0.5,), **{"tau": 0.2, "dense_layers": (0,), "sparse_layers": (), **kwargs})
+
+
+def test_calibration_text_is_the_references_prompt_on_gsm8k_test():
+    """50 pairs, each with the full worked solution, newline-joined, then the reference's question."""
+    rows = gsm8k_offline_rows()
+    text = calibration_text()
+    pairs = text.split("\nQuestion: ")
+    assert text.startswith("Question: ") and len(pairs) == 51 and pairs[-1] == FINAL_QUESTION
+    for row, pair in zip(rows, pairs[:-1]):
+        question, answer = pair.removeprefix("Question: ").split("\nAnswer: ")
+        assert question == row["question"].strip() and answer == row["answer"].strip()
+        steps, final = answer.rsplit("\n", 1)  # the worked steps, then "#### N"
+        assert steps and final.startswith("#### ")
+    assert rows[50]["question"].strip() not in text and "\n\nQuestion" not in text
+
+
+def test_calibration_tokens_are_not_cut_unless_too_many(smollm2_path):
+    tokenizer = load_tokenizer(smollm2_path)
+    full = tokenizer(calibration_text())["input_ids"]
+    ids, described = calibration_tokens(tokenizer, 100_000)
+    assert ids.tolist() == full and "cut" not in described and f"{len(full)} tokens" in described
+    ids, described = calibration_tokens(tokenizer, 8192)  # SmolLM2's positions: the beginning goes
+    assert len(full) > 8192 and ids.tolist() == full[-8192:] and described.endswith("cut to the last 8192")

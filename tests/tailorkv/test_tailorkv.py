@@ -1,5 +1,7 @@
-"""TailorKV cache: config errors, exactness limits, quantized bookkeeping, host offload, presets."""
+"""TailorKV cache: config errors, exactness limits, quantized bookkeeping, host offload, presets,
+token scoring."""
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
+from dami_jax.decoding.cache import DenseKVCache
 from dami_jax.decoding.generation import build_cache, decode_step, prepare_prompts
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv.cache import (
@@ -16,6 +19,7 @@ from dami_jax.tailorkv.cache import (
     SparseLayerCache,
     TailorKVConfig,
     select_channels,
+    token_scores,
 )
 
 CFG = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3,
@@ -39,6 +43,7 @@ def run(cache, rows, new=24):
         (dict(bits=3), "bits"),
         (dict(residual=96, group=64), "residual"),
         (dict(num_channels=0), "num_channels"),
+        (dict(token_score="mean"), r"token_score must be one of \('group_mean', 'head_max'\)"),
     ],
 )
 def test_bad_config_is_rejected_up_front(kwargs, match):
@@ -133,3 +138,31 @@ def test_streaming_with_a_tailorkv_cache_matches_generate():
     config = TailorKVConfig(bits=2, budget=128, sink=8, recent=56, quantized_layers=(0,))
     streamed = np.stack(list(dj.stream_tokens(PARAMS, CFG, rows, max_new_tokens=12, stop_tokens=[], cache=config)))
     np.testing.assert_array_equal(streamed.T, np.asarray(run(config, rows, new=12).tokens))
+
+
+def test_token_scores_group_mean_and_head_max_pick_what_they_define():
+    """Head 0 aligns strongly with token A; the group mean aligns with token B."""
+    q_channels = jnp.array([[10.0, 0.0], [-9.0, 3.0]])[None, None]  # [B=1, Hkv=1, G=2, C=2]; mean (0.5, 1.5)
+    rows = jnp.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])[None, None]  # [1, 1, C, P]: token 0 none, A = 1, B = 2
+    mean, head_max = (np.asarray(token_scores(q_channels, rows, mode))[0, 0] for mode in ("group_mean", "head_max"))
+    np.testing.assert_allclose(mean, [0.0, 0.5, 1.5])  # mean query . key
+    np.testing.assert_allclose(head_max, [0.0, 10.0, 3.0])  # max over heads of q_h . key
+    assert int(np.argmax(mean)) == 2 and int(np.argmax(head_max)) == 1
+
+
+def test_token_score_defaults_to_the_reference_and_reaches_the_sparse_layers():
+    assert TailorKVConfig().token_score == TAILORKV_1.token_score == TAILORKV_2.token_score == "group_mean"
+    assert "token_score='group_mean'" in repr(TAILORKV_1)
+    # Eager, on random K/V, without offload: a jitted decode step would compile once per mode.
+    rng = np.random.default_rng(2)
+    k, v = (jnp.asarray(rng.normal(size=(1, CFG.num_kv_heads, 301, CFG.head_dim)), jnp.float32) for _ in range(2))
+    dense = DenseKVCache(k=(k,) * 3, v=(v,) * 3, length=jnp.asarray(300), start=jnp.zeros((1,), jnp.int32))
+    q = jnp.asarray(rng.normal(size=(1, 1, CFG.num_heads, CFG.head_dim)), jnp.float32)
+    channels = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, CFG.num_kv_heads, 8))
+    tight = TailorKVConfig(budget=72, sink=8, recent=56, quantized_layers=(), offload=False)  # 8 retrieved tokens
+    k_new, v_new = k[:, :, :1].swapaxes(1, 2), v[:, :, :1].swapaxes(1, 2)  # [B, T=1, Hkv, hd]
+    outs = []
+    for mode in ("group_mean", "head_max"):
+        cache = dataclasses.replace(tight, token_score=mode).after_prefill(CFG, dense, 300)
+        outs.append(np.asarray(cache._attend_sparse(cache.layers[1], q, k_new, v_new, channels)[0]))
+    assert not np.allclose(*outs)
