@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from dami_jax.errors import InputError
 
@@ -24,6 +26,18 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         Path(staging).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON document in ``path``, or None when there is no such file; a file that is not valid
+    JSON is an InputError naming it (never silently treated as absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg})") from None
 
 
 def check_output_folder(path: str | Path, what: str = "output folder") -> Path:

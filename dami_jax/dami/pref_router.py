@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from dami_jax.dami.features import FeatureSpec
 from dami_jax.dami.preferences import OutcomeTable, PreferencePairs
 from dami_jax.errors import InputError
-from dami_jax.files import write_atomic
+from dami_jax.files import read_json, write_atomic
 
 META_FILE = "router.json"
 
@@ -292,13 +292,7 @@ def train_pref_router(
 
 
 def _read_meta(folder: Path) -> dict[str, Any] | None:
-    path = folder / META_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg})") from None
+    return read_json(folder / META_FILE)
 
 
 def load_pref_router(folder: str | Path, fingerprint: str | None = None, grid: Sequence[float] | None = None) -> PrefRouter:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Mapping
 
 from dami_jax.errors import InputError
-from dami_jax.files import check_output_folder, write_atomic
+from dami_jax.files import check_output_folder, read_json, write_atomic
 
 SETTINGS_FILE = "settings.json"
 
@@ -104,13 +104,7 @@ class ResultsFolder:
         return JsonlLog(self.path / name)
 
     def stored_settings(self) -> dict[str, Any] | None:
-        path = self.path / SETTINGS_FILE
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RecordsError(f"{path}: not valid JSON ({e.msg})") from None
+        return read_json(self.path / SETTINGS_FILE)
 
     def check(self, settings: Mapping[str, Any]) -> None:
         """Raise :class:`StaleResultsError` if the folder holds results made with other values of

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from dami_jax.errors import InputError
 from dami_jax.evals.records import JsonlLog, RecordsError, ResultsFolder, StaleResultsError
 from dami_jax.files import check_output_folder, write_atomic
 
@@ -83,3 +84,9 @@ def test_output_folders_are_checked_before_anything_is_written(tmp_path):
     assert not (tmp_path / "new").exists()
     write_atomic(tmp_path / "new" / "f.txt", "hello")
     assert (tmp_path / "new" / "f.txt").read_text() == "hello" and len(list((tmp_path / "new").iterdir())) == 1
+
+
+def test_an_unreadable_settings_file_is_named(tmp_path):
+    (tmp_path / "settings.json").write_text("{not json")
+    with pytest.raises(InputError, match=rf"{tmp_path / 'settings.json'}: not valid JSON"):
+        ResultsFolder(tmp_path).check({"seed": 0})
