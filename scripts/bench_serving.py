@@ -53,7 +53,7 @@ def main() -> None:
     if args.router:
         router = load_pref_router(args.router, fingerprint=pair.fingerprints()["instruct"])
         chosen = [problems[i] for i in picked]
-        features = router_features(pair, chosen, router.info.prompt["style"], router.info.spec, args.router)
+        features = router_features(pair, chosen, router.info.prompt["style"], router.info.spec, args.router, router.info.fingerprint)
         lambdas = router.lambdas(features).tolist()
     elif args.lambdas_from:
         with open(args.lambdas_from) as f:

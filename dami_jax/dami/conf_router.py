@@ -63,8 +63,7 @@ def draft_signals(
     drafts, confidence, discrepancy = [], [], []
     for lo in range(0, len(prompts), batch_size):
         batch = [list(p) for p in prompts[lo : lo + batch_size]]
-        rows = generate(pair.instruct, pair.cfg, batch, max_new_tokens=max_draft_tokens).token_lists()
-        rows = [row or [pair.cfg.pad_token_id] for row in rows]  # a zero-token draft cannot happen; stay total anyway
+        rows = generate(pair.instruct, pair.cfg, batch, max_new_tokens=max_draft_tokens).token_lists()  # >= 1 token each
         width = max(map(len, rows))
         forced = np.asarray([row + [pair.cfg.pad_token_id] * (width - len(row)) for row in rows], np.int32)
         lp = {name: teacher_forced_logprobs(params, pair.cfg, batch, forced)

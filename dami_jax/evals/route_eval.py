@@ -32,7 +32,6 @@ from dami_jax.dami.conf_router import ConfMap, draft_signals
 from dami_jax.dami.oracle import oracle_choice
 from dami_jax.dami.pair import ModelPair
 from dami_jax.dami.pref_router import META_FILE, PrefRouter, load_pref_router
-from dami_jax.dami.preferences import Rollout
 from dami_jax.dami.serving import serve
 from dami_jax.decoding.generation import Generation
 from dami_jax.errors import InputError
@@ -43,6 +42,7 @@ from dami_jax.evals.grid import run_grid
 from dami_jax.evals.plots import plot_frontier, plot_sensitivity
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.records import ResultsFolder
+from dami_jax.evals.router_data import rollouts
 from dami_jax.evals.router_training import PROMPT_TEMPLATE, router_features
 from dami_jax.evals.sweep import SweepConfig, pair_settings, record_keys, run_sweep
 from dami_jax.files import write_atomic
@@ -98,10 +98,6 @@ def format_results(results: Sequence[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def _rollouts(sweep: dict[tuple[float, str], dict[str, Any]], grid: Sequence[float], pid: str) -> list[Rollout]:
-    return [Rollout(lam, bool(sweep[(lam, pid)]["correct"]), int(sweep[(lam, pid)]["output_tokens"])) for lam in grid]
-
-
 def _key(record: dict[str, Any]) -> tuple[str, str]:
     return record["method"], record["id"]
 
@@ -121,7 +117,7 @@ class _Evaluation:
         return [summarize(baseline_name(lam), [self.sweep[(lam, p.id)] for p in self.problems]) for lam in self.grid]
 
     def oracle(self) -> MethodResult:
-        chosen = [self.sweep[(oracle_choice(_rollouts(self.sweep, self.grid, p.id)).lam, p.id)] for p in self.problems]
+        chosen = [self.sweep[(oracle_choice(rollouts(self.sweep, self.grid, p.id)).lam, p.id)] for p in self.problems]
         return summarize("oracle", chosen)
 
     def serve_batch(self, problems: Sequence[Problem], lambdas: Sequence[float]) -> tuple[list[dict[str, Any]], float]:
@@ -168,7 +164,7 @@ class _Evaluation:
 
     def pref(self, router: PrefRouter, router_dir: Path) -> MethodResult:
         features = router_features(self.pair, self.problems, router.info.prompt["style"], router.info.spec, router_dir,
-                                   progress=self.progress)  # fmt: skip
+                                   router.info.fingerprint, progress=self.progress)  # fmt: skip
         chosen = router.lambdas(features, cost_weight=self.config.cost_weight)
         return self.run_router("dami-pref", {p.id: float(lam) for p, lam in zip(self.problems, chosen)})
 

@@ -75,13 +75,18 @@ def read_sweeps(folders: Sequence[str | Path]) -> SweepData:
     grid = tuple(sorted(set.intersection(*lambdas_of.values()))) if lambdas_of else ()
     if not grid:
         raise InputError(f"{', '.join(map(str, folders))}: no lambda was answered for every problem")
-    problems, rollouts = {}, {}
+    problems, answers = {}, {}
     for pid in sorted(lambdas_of):
         first = records[(grid[0], pid)]
         problems[pid] = Problem(pid, first["question"], first["gold"], first["source"])
-        rollouts[pid] = [Rollout(lam, bool(records[(lam, pid)]["correct"]), int(records[(lam, pid)]["output_tokens"])) for lam in grid]
-    digest = hashlib.sha256(json.dumps([[pid, [dataclasses.astuple(r) for r in rollouts[pid]]] for pid in rollouts]).encode())
-    return SweepData(problems, rollouts, grid, settings or {}, digest.hexdigest()[:16])
+        answers[pid] = rollouts(records, grid, pid)
+    digest = hashlib.sha256(json.dumps([[pid, [dataclasses.astuple(r) for r in answers[pid]]] for pid in answers]).encode())
+    return SweepData(problems, answers, grid, settings or {}, digest.hexdigest()[:16])
+
+
+def rollouts(records: dict[tuple[float, str], dict[str, Any]], grid: Sequence[float], pid: str) -> list[Rollout]:
+    """Problem ``pid``'s answers on ``grid`` from sweep records keyed by (lambda, id)."""
+    return [Rollout(lam, bool(records[(lam, pid)]["correct"]), int(records[(lam, pid)]["output_tokens"])) for lam in grid]
 
 
 def router_split(ids: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -28,9 +28,10 @@ PROMPT_TEMPLATE = "instruct"
 
 
 def router_features(pair: ModelPair, problems: Sequence[Problem], style: str, spec: FeatureSpec, folder: str | Path,
-                    *, progress: bool = False):  # fmt: skip
-    """float32 [N, F] prefill features of ``problems``, from (and added to) ``folder``'s store."""
-    fingerprint = pair.fingerprints()["instruct"]
+                    fingerprint: str, *, progress: bool = False):  # fmt: skip
+    """float32 [N, F] prefill features of ``problems``, from (and added to) ``folder``'s store;
+    ``fingerprint`` is the Instruct model's (the caller has it: hashing the weights again costs a
+    pass over them)."""
     store = FeatureStore(Path(folder) / FEATURES_DIR, fingerprint, spec)
     tokenizer = pair.tokenizers[PROMPT_TEMPLATE]
     by_id = {p.id: p for p in problems}
@@ -65,7 +66,7 @@ def train_router(
     if not fit_ids:
         raise InputError(f"only {len(train_ids)} problems on the router-training side; sweep more problems")
     problems = [data.problems[i] for i in train_ids]
-    features = router_features(pair, problems, data.settings["style"], spec, out_dir, progress=progress)
+    features = router_features(pair, problems, data.settings["style"], spec, out_dir, fingerprints["instruct"], progress=progress)
     pairs = preference_pairs([data.rollouts[i] for i in train_ids], data.grid, margin)
     row = {pid: i for i, pid in enumerate(train_ids)}
     info = RouterInfo(
