@@ -1,11 +1,15 @@
 """TailorKV (Yao et al., ACL Findings 2025): a hybrid KV cache, one policy per layer.
 
 - Quantized layers (dense attention; layer 0 for most models): every token is kept as KIVI
-  codes (keys per channel in token groups, values per token in channel groups) plus a
-  full-precision residual of the newest tokens. When the residual fills (``residual`` tokens),
-  its oldest ``group`` tokens are quantized, so 64..127 recent tokens stay exact (ours: values
-  follow the keys' block schedule instead of a per-token sliding window, so one token split
-  serves both).
+  codes (keys per channel in token groups, values per token in channel groups) with the
+  reference code's full-precision schedule (R = ``residual``): keys keep the newest n % R
+  tokens exact and quantize R at once when R are exact (1..R exact keys at each step); values
+  keep a sliding window of the last R tokens plus the current one (R + 1 exact). One ring of
+  R + 1 full-precision tokens serves both: a ring key whose token is already quantized holds
+  its dequantized value, so each token has one split for K and V and attention stays one
+  :func:`quantized_attention` call. Each row is quantized from its own first real token (its
+  tokens at slots 0..n-1 of its row), so left padding never enters a group: a prompt gets the
+  same codes, scales and zeros alone or in any padded batch.
 - Sparse layers (attention on a few dominant tokens): the prompt's full-precision K/V live in
   host memory (memory kind ``pinned_host``); the device keeps sink + recent prompt tokens,
   every generated token and the per-channel max |K|. Each decode step predicts the layer's
@@ -83,8 +87,8 @@ class TailorKVConfig:
             raise ValueError(
                 f"budget={self.budget} is smaller than sink + recent = {self.sink} + {self.recent}: no room for top-k tokens"
             )
-        if self.group <= 0 or self.residual <= self.group or self.residual % self.group:
-            raise ValueError(f"residual={self.residual} must be a multiple of group={self.group} and larger than it")
+        if self.group <= 0 or self.residual < self.group or self.residual % self.group:
+            raise ValueError(f"residual={self.residual} must be a positive multiple of group={self.group}")
 
     @property
     def top_k(self) -> int:
@@ -100,18 +104,13 @@ class TailorKVConfig:
 
     def after_prefill(self, cfg: ModelConfig, dense: DenseKVCache, prompt_len: int) -> "TailorKVCache":
         self.validate(cfg)
-        quantized_prefix = self.group * max(0, -(-(prompt_len - self.residual + 1) // self.group))
         layers = tuple(
-            _quantized_layer(self, dense.k[i], dense.v[i], prompt_len, quantized_prefix)
+            _quantized_layer(self, dense.k[i], dense.v[i], dense.start, prompt_len)
             if i in self.quantized_layers
             else _sparse_layer(self, cfg, dense.k[i], dense.v[i], dense.start, prompt_len)
             for i in range(cfg.num_layers)
         )
-        return TailorKVCache(
-            layers=layers, length=dense.length, start=dense.start,
-            n_quant=jnp.asarray(quantized_prefix, jnp.int32), n_res=jnp.asarray(prompt_len - quantized_prefix, jnp.int32),
-            config=self, prompt_len=prompt_len,
-        )  # fmt: skip
+        return TailorKVCache(layers=layers, length=dense.length, start=dense.start, config=self, prompt_len=prompt_len)
 
 
 TAILORKV_1 = TailorKVConfig(bits=1, budget=192, sink=8, recent=56, num_channels=8)
@@ -121,10 +120,12 @@ PRESETS = {"TailorKV-1": TAILORKV_1, "TailorKV-2": TAILORKV_2}
 
 @flax.struct.dataclass
 class QuantizedLayerCache:
-    keys: QuantizedKeys  # [B, Hkv, S_q, hd] codes; S_q = cache size rounded up to the group
-    values: QuantizedValues
-    k_res: jax.Array  # [B, Hkv, residual, hd] newest tokens, full precision
-    v_res: jax.Array
+    """Row-local: row b's n_b real tokens sit at slots 0..n_b-1 of its row (n_b = length - start[b])."""
+
+    keys: QuantizedKeys  # [B, Hkv, C, hd], C = cache size rounded up to R; slots of whole R-blocks are final
+    values: QuantizedValues  # [B, Hkv, C, hd]; each token's codes are written when it arrives
+    k_window: jax.Array  # [B, Hkv, R + 1, hd] ring: slot s at s % (R + 1); dequantized once its key is quantized
+    v_window: jax.Array  # [B, Hkv, R + 1, hd] ring of exact values
 
 
 @flax.struct.dataclass
@@ -155,19 +156,52 @@ def _host_take(x: jax.Array, index: jax.Array, axis: int, config: TailorKVConfig
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
-def _quantized_layer(config: TailorKVConfig, k: jax.Array, v: jax.Array, prompt_len: int, prefix: int) -> QuantizedLayerCache:
-    b, h, size, hd = k.shape
-    capacity = -(-size // config.group) * config.group
-    scale_dtype = jnp.dtype(config.scale_dtype)
-    keys = QuantizedKeys.zeros(b, h, capacity, hd, config.bits, config.group, scale_dtype)
-    values = QuantizedValues.zeros(b, h, capacity, hd, config.bits, config.group, scale_dtype)
-    if prefix:
-        keys = keys.update(quantize_keys(k[:, :, :prefix], config.bits, config.group, scale_dtype), 0)
-        values = values.update(quantize_values(v[:, :, :prefix], config.bits, config.group, scale_dtype), 0)
-    residual = jnp.zeros((b, h, config.residual, hd), k.dtype)
-    k_res = jax.lax.dynamic_update_slice(residual, k[:, :, prefix:prompt_len], (0, 0, 0, 0))
-    v_res = jax.lax.dynamic_update_slice(residual, v[:, :, prefix:prompt_len], (0, 0, 0, 0))
-    return QuantizedLayerCache(keys, values, k_res, v_res)
+def _row_local(x: jax.Array, start: jax.Array, length: int) -> jax.Array:
+    """Left-padded x [B, Hkv, S, hd] -> [B, Hkv, length, hd] with row b's tokens from slot 0
+    (slots past the row's end repeat its last slot; they are never served)."""
+    slots = jnp.clip(start[:, None] + jnp.arange(length)[None, :], 0, x.shape[2] - 1)
+    return jnp.take_along_axis(x, slots[:, None, :, None], axis=2)
+
+
+def _ring_slots(n: jax.Array, window: int) -> jax.Array:
+    """int32 [B, window]: the token slot each ring entry holds in a row of n [B] tokens (the
+    newest, n - 1, and the window - 1 before it; negative: empty)."""
+    newest = n[:, None] - 1
+    return newest - (newest - jnp.arange(window)[None, :]) % window
+
+
+def _gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, Hkv, S, hd] at per-row token indices [B, N] -> [B, Hkv, N, hd]."""
+    return jnp.take_along_axis(x, index[:, None, :, None], axis=2)
+
+
+def _serve_dequantized(k_window: jax.Array, block: QuantizedKeys, block_start: jax.Array, n: jax.Array, apply: jax.Array) -> jax.Array:
+    """The ring with the keys of R-block [block_start, block_start + R) (quantized as ``block``)
+    replaced by their dequantized values, in rows where ``apply`` [B] holds."""
+    window = k_window.shape[2]
+    slots = _ring_slots(n, window)
+    offset = slots - block_start[:, None]
+    inside = apply[:, None] & (offset >= 0) & (offset < block.num_tokens)
+    dequantized = _gather_tokens(block.dequantize(k_window.dtype), jnp.clip(offset, 0, block.num_tokens - 1))
+    return jnp.where(inside[:, None, :, None], dequantized, k_window)
+
+
+def _quantized_layer(config: TailorKVConfig, k: jax.Array, v: jax.Array, start: jax.Array, prompt_len: int) -> QuantizedLayerCache:
+    """Quantize every prompt token row-locally; the ring takes the last R + 1 slots, the keys of
+    whole R-blocks among them dequantized."""
+    size, r = k.shape[2], config.residual
+    capacity = -(-size // r) * r
+    n = prompt_len - start  # real tokens per row
+    k_rows, v_rows = _row_local(k, start, capacity), _row_local(v, start, capacity)
+    quantize = dict(bits=config.bits, group=config.group, scale_dtype=jnp.dtype(config.scale_dtype))
+    ring = jnp.clip(_ring_slots(n, r + 1), 0)
+    last_block = jnp.maximum(n // r * r - r, 0)  # the last whole R-block (the ring reaches no earlier one)
+    block = quantize_keys(_gather_tokens(k_rows, last_block[:, None] + jnp.arange(r)), **quantize)
+    k_window = _serve_dequantized(_gather_tokens(k_rows, ring), block, last_block, n, n >= r)
+    return QuantizedLayerCache(
+        keys=quantize_keys(k_rows, **quantize), values=quantize_values(v_rows, **quantize),
+        k_window=k_window, v_window=_gather_tokens(v_rows, ring),
+    )  # fmt: skip
 
 
 def select_channels(query: jax.Array, k_absmax: jax.Array, num_channels: int) -> jax.Array:
@@ -219,8 +253,6 @@ class TailorKVCache:
     layers: tuple
     length: jax.Array  # int32 []: slots written (prompt + generated)
     start: jax.Array  # int32 [B]: first real prompt slot per row
-    n_quant: jax.Array  # int32 []: tokens in the quantized stores (a multiple of group)
-    n_res: jax.Array  # int32 []: tokens in the full-precision residual (n_quant + n_res == length)
     config: TailorKVConfig = flax.struct.field(pytree_node=False)
     prompt_len: int = flax.struct.field(pytree_node=False)
 
@@ -252,16 +284,24 @@ class TailorKVCache:
         return self.replace(layers=self.layers[:layer] + (state,) + self.layers[layer + 1 :])
 
     def _attend_quantized(self, state: QuantizedLayerCache, q, k, v):
-        at = (0, 0, self.n_res, 0)
-        k_res = jax.lax.dynamic_update_slice(state.k_res, k.swapaxes(1, 2).astype(state.k_res.dtype), at)
-        v_res = jax.lax.dynamic_update_slice(state.v_res, v.swapaxes(1, 2).astype(state.v_res.dtype), at)
-        quant_slots = jnp.arange(state.keys.num_tokens)
-        res_slots = jnp.arange(state.k_res.shape[2])
-        start = self.start[:, None, None]
-        mask_quant = (quant_slots < self.n_quant) & (quant_slots >= start)
-        mask_res = (res_slots <= self.n_res) & (self.n_quant + res_slots >= start)
-        out = quantized_attention(q, state.keys, state.values, k_res, v_res, mask_quant, mask_res)
-        return out, state.replace(k_res=k_res, v_res=v_res)
+        """Append the token to the ring (and its value codes to the store), attend, then quantize
+        the R-block holding the token; its keys are served quantized once the block is whole."""
+        config = self.config
+        r, window = config.residual, config.residual + 1
+        quantize = dict(bits=config.bits, group=config.group, scale_dtype=jnp.dtype(config.scale_dtype))
+        n = self.length + 1 - self.start  # [B] tokens per row, this one included
+        k_new, v_new = k.swapaxes(1, 2).astype(state.k_window.dtype), v.swapaxes(1, 2).astype(state.v_window.dtype)
+        fresh = (jnp.arange(window)[None, :] == ((n - 1) % window)[:, None])[:, None, :, None]
+        k_window, v_window = jnp.where(fresh, k_new, state.k_window), jnp.where(fresh, v_new, state.v_window)
+        values = state.values.update(quantize_values(v_new, **quantize), n - 1)
+        mask_quant = jnp.arange(values.num_tokens)[None, None, :] < (n - window)[:, None, None]
+        mask_ring = (_ring_slots(n, window) >= 0)[:, None, :]
+        out = quantized_attention(q, state.keys, values, k_window, v_window, mask_quant, mask_ring)
+        block_start = (n - 1) // r * r
+        block = quantize_keys(_gather_tokens(k_window, (block_start[:, None] + jnp.arange(r)) % window), **quantize)
+        keys = state.keys.update(block, block_start)  # a partial block is rewritten until it is whole
+        k_window = _serve_dequantized(k_window, block, block_start, n, n % r == 0)
+        return out, state.replace(keys=keys, values=values, k_window=k_window, v_window=v_window)
 
     def _attend_sparse(self, state: SparseLayerCache, q, k, v, channels):
         config, prompt_len = self.config, self.prompt_len
@@ -295,24 +335,7 @@ class TailorKVCache:
         return out, state.replace(k_gen=k_gen, v_gen=v_gen)
 
     def advance(self, num_tokens: int) -> "TailorKVCache":
-        cache = self.replace(length=self.length + num_tokens, n_res=self.n_res + num_tokens)
-        return jax.lax.cond(cache.n_res >= self.config.residual, TailorKVCache._flush, lambda c: c, cache)
-
-    def _flush(self) -> "TailorKVCache":
-        """Quantize the residual's oldest ``group`` tokens in every quantized layer."""
-        config, g = self.config, self.config.group
-        scale_dtype = jnp.dtype(config.scale_dtype)
-        layers = []
-        for state in self.layers:
-            if isinstance(state, QuantizedLayerCache):
-                state = state.replace(
-                    keys=state.keys.update(quantize_keys(state.k_res[:, :, :g], config.bits, g, scale_dtype), self.n_quant),
-                    values=state.values.update(quantize_values(state.v_res[:, :, :g], config.bits, g, scale_dtype), self.n_quant),
-                    k_res=jnp.concatenate([state.k_res[:, :, g:], jnp.zeros_like(state.k_res[:, :, :g])], axis=2),
-                    v_res=jnp.concatenate([state.v_res[:, :, g:], jnp.zeros_like(state.v_res[:, :, :g])], axis=2),
-                )  # fmt: skip
-            layers.append(state)
-        return self.replace(layers=tuple(layers), n_quant=self.n_quant + g, n_res=self.n_res - g)
+        return self.replace(length=self.length + num_tokens)
 
 
 def bytes_moved_per_step(cfg: ModelConfig, config: TailorKVConfig, batch: int, prompt_len: int, itemsize: int = 4) -> int:

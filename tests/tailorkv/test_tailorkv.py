@@ -80,9 +80,10 @@ def test_quantized_layers_are_exact_while_the_residual_holds_everything():
     np.testing.assert_allclose(quant.logprobs, dense.logprobs, atol=2e-4)
 
 
-def test_quantized_store_and_residual_track_the_dense_cache():
-    """Layer 0's keys depend only on the tokens, so its quantized store can be checked against the
-    dense cache token by token through several residual flushes."""
+def test_quantized_store_and_ring_follow_the_reference_schedule():
+    """Layer 0's keys depend only on the tokens, so its stores can be checked against the dense
+    cache row by row through several key flushes: keys of whole R-blocks are quantized (within
+    scale/2), the newer n % R exact; values are quantized on arrival, the last R exact in the ring."""
     config = TailorKVConfig(bits=4, quantized_layers=(0,), scale_dtype="float32")
     tokens, start, size = prepare_prompts(prompts(260, 200), CFG, max_new_tokens=160)
     _, dense = build_cache(PARAMS, tokens, start, cfg=CFG, cache_size=size)
@@ -92,15 +93,75 @@ def test_quantized_store_and_residual_track_the_dense_cache():
     for token in feed:
         _, dense = step(PARAMS, CFG, token, dense)
         _, tkv = step(PARAMS, CFG, token, tkv)
-    n_quant, n_res, length = int(tkv.n_quant), int(tkv.n_res), int(tkv.length)
-    assert n_quant + n_res == length == int(dense.length)
-    assert n_quant % config.group == 0 and config.residual - config.group <= n_res < config.residual
     layer: QuantizedLayerCache = tkv.layers[0]
-    k_dense = np.asarray(dense.k[0])
-    np.testing.assert_array_equal(np.asarray(layer.k_res[:, :, :n_res]), k_dense[:, :, n_quant:length])
-    step_scale = np.repeat(np.asarray(layer.keys.scale), config.group, axis=2)[:, :, :n_quant]
-    error = np.abs(np.asarray(layer.keys.dequantize())[:, :, :n_quant] - k_dense[:, :, :n_quant])
-    assert np.all(error <= step_scale / 2 + 1e-5)
+    r, window = config.residual, config.residual + 1
+    keys, values = np.asarray(layer.keys.dequantize()), np.asarray(layer.values.dequantize())
+    key_scale = np.repeat(np.asarray(layer.keys.scale), config.group, axis=2)
+    value_scale = np.repeat(np.asarray(layer.values.scale), config.group, axis=3)
+    for row, first in enumerate(np.asarray(tkv.start)):
+        k_row = np.asarray(dense.k[0])[row, :, first : int(dense.length)]
+        v_row = np.asarray(dense.v[0])[row, :, first : int(dense.length)]
+        n = k_row.shape[1]
+        quantized = n // r * r
+        assert np.all(np.abs(keys[row, :, :quantized] - k_row[:, :quantized]) <= key_scale[row, :, :quantized] / 2 + 1e-5)
+        assert np.all(np.abs(values[row, :, :n] - v_row) <= value_scale[row, :, :n] / 2 + 1e-5)
+        ring = [s % window for s in range(n - r, n)]  # the last R tokens (R + 1 during a step)
+        np.testing.assert_array_equal(np.asarray(layer.v_window)[row][:, ring], v_row[:, n - r :])
+        exact = [s % window for s in range(quantized, n)]
+        np.testing.assert_array_equal(np.asarray(layer.k_window)[row][:, exact], k_row[:, quantized:])
+        served = [s % window for s in range(n - r, quantized)]  # ring keys of quantized tokens: dequantized
+        np.testing.assert_allclose(np.asarray(layer.k_window)[row][:, served], keys[row][:, n - r : quantized], atol=1e-6)
+
+
+def test_left_padding_never_changes_quantization():
+    """The same K/V rows placed after different amounts of padding (pad slots full of outliers)
+    give identical scales, zeros and codes for their real tokens, and identical rings, after
+    prefill and after decode steps through a key flush; so attention outputs agree too."""
+    config = TailorKVConfig(bits=2, group=32, residual=64, quantized_layers=(0,), sink=4, recent=8, budget=24)
+    cfg = dataclasses.replace(CFG, num_layers=1)
+    rng = np.random.default_rng(0)
+    n, size = 150, 256
+    k_real, v_real = rng.normal(size=(2, 1, cfg.num_kv_heads, n, cfg.head_dim)).astype(np.float32)
+    steps = [
+        (rng.normal(size=(1, 1, cfg.num_heads, cfg.head_dim)), *rng.normal(size=(2, 1, 1, cfg.num_kv_heads, cfg.head_dim)))
+        for _ in range(50)  # crosses the key flush at 192 tokens
+    ]
+
+    def prefilled(pad):
+        k = np.full((1, cfg.num_kv_heads, size, cfg.head_dim), 50.0, np.float32)
+        v = np.full_like(k, -50.0)
+        k[:, :, pad : pad + n], v[:, :, pad : pad + n] = k_real, v_real
+        dense = DenseKVCache(k=(jnp.asarray(k),), v=(jnp.asarray(v),), length=jnp.asarray(pad + n, jnp.int32),
+                             start=jnp.asarray([pad], jnp.int32))  # fmt: skip
+        return config.after_prefill(cfg, dense, pad + n)
+
+    def decoded(cache):
+        outs = []
+        for q, k, v in steps:
+            out, cache = cache.attend(0, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
+            cache = cache.advance(1)
+            outs.append(np.asarray(out))
+        return cache, np.stack(outs)
+
+    def assert_same_real_tokens(a, b):
+        la, lb = a.layers[0], b.layers[0]
+        tokens = int(a.length - a.start[0])
+        keys_final = tokens // config.residual * config.residual  # whole R-blocks
+        for name, final, groups in [("keys", keys_final, keys_final // config.group), ("values", tokens, tokens)]:
+            qa, qb = getattr(la, name), getattr(lb, name)
+            for field in ("scale", "zero"):
+                np.testing.assert_array_equal(np.asarray(getattr(qa, field))[:, :, :groups],
+                                              np.asarray(getattr(qb, field))[:, :, :groups], err_msg=f"{name}.{field}")  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(qa.dequantize())[:, :, :final], np.asarray(qb.dequantize())[:, :, :final])
+        np.testing.assert_array_equal(np.asarray(la.k_window), np.asarray(lb.k_window))
+        np.testing.assert_array_equal(np.asarray(la.v_window), np.asarray(lb.v_window))
+
+    alone, padded = prefilled(0), prefilled(37)
+    assert_same_real_tokens(alone, padded)
+    (alone, out_alone), (padded, out_padded) = decoded(alone), decoded(padded)
+    assert int(alone.length) >= 192  # a key flush happened
+    assert_same_real_tokens(alone, padded)
+    np.testing.assert_array_equal(out_alone, out_padded)
 
 
 def test_sparse_prompt_kv_lives_in_host_memory_and_device_bytes_shrink():
