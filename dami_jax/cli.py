@@ -30,6 +30,8 @@ BENCHMARK_NAMES = ("toy", *BENCHMARKS)
 TEMPLATES = ("thinking", "instruct", "nearest")  # dami_jax.evals.sweep.TEMPLATES (a test keeps them equal)
 CACHES = {"dense": None, "tailorkv-1": "TailorKV-1", "tailorkv-2": "TailorKV-2"}  # flag value -> TailorKV preset
 NIAH_CONFIGS = ("dense", "TailorKV-1", "TailorKV-2", "quanto-2", "quanto-4")  # dami_jax.evals.niah.run.CONFIG_NAMES
+NIAH_DEPTHS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)  # dami_jax.evals.niah.run.DEPTHS
+TOKEN_SCORES = ("group_mean", "head_max")  # dami_jax.tailorkv.cache.TOKEN_SCORES; the first is TailorKVConfig's default
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("conf", "oracle")  # dami_jax.evals.route_eval.SPECIAL_ROUTERS
 MIXES = ("all", "uniform", "easy-heavy")  # "all" and dami_jax.evals.router_data.MIXES
@@ -432,13 +434,15 @@ def _niah(args: argparse.Namespace) -> None:
     model = _checkpoint(args.model, "--model")
 
     from dami_jax.evals.calibration import quantized_layers_or_profile
-    from dami_jax.evals.niah.run import LOG_FILE, run_niah
+    from dami_jax.evals.niah.run import LOG_FILE, REQUIRED_SETTINGS, niah_settings, run_niah
     from dami_jax.models.config import read_hf_config
 
     cfg = read_hf_config(model)
     positions = cfg.max_position_embeddings
     if max(args.lengths) > positions:
         raise UsageError(f"--lengths: {max(args.lengths)} tokens exceed the model's {positions} positions")
+    if not args.fresh:  # stale results are refused before a layer profile is made (run_niah checks the rest)
+        ResultsFolder(out).check(niah_settings(model, (), args.max_new_tokens, args.kl_tokens, args.seed, None), REQUIRED_SETTINGS)
     quantized_layers = args.quantized_layers
     if quantized_layers is None and set(args.configs) & set(CACHES.values()):  # a TailorKV preset runs
         quantized_layers = quantized_layers_or_profile(model, cfg.num_layers)
@@ -449,9 +453,9 @@ def _niah(args: argparse.Namespace) -> None:
         run_niah(
             model, lengths=args.lengths, depths=args.depths, configs=args.configs, out_dir=out,
             max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens, seed=args.seed,
-            quantized_layers=quantized_layers, torch_threads=args.torch_threads,
+            quantized_layers=quantized_layers, token_score=args.token_score, torch_threads=args.torch_threads,
         )  # fmt: skip
-    print(f"records: {out / LOG_FILE}\nheat map: {out / 'niah.png'}\n{time.perf_counter() - started:.0f} s wall")
+    print(f"records: {out / LOG_FILE}\nplot: {out / 'niah.png'}\n{time.perf_counter() - started:.0f} s wall")
 
 
 # --------------------------------------------------------------------------- the parser
@@ -587,17 +591,21 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--last-q", type=positive_int, metavar="N", default=32, help="queries scored, from the prompt's end")
     prof.add_argument("--out", metavar="DIR", default="runs/layer-profile", help="output folder (layer_profile.json + plot)")
 
-    niah = command("niah", "needle in a haystack: accuracy, agreement and KL of KV caches vs dense", _niah)
+    niah = command("niah", "needle in a haystack: accuracy, top-1 agreement and KL of KV caches vs dense", _niah)
     niah.add_argument("--model", metavar="MODEL", default="smollm2", help=MODEL_HELP)
     niah.add_argument("--lengths", type=positive_int, nargs="+", metavar="N", default=[2048, 4096, 8192], help="context lengths (tokens)")
-    niah.add_argument("--depths", type=fraction, nargs="+", metavar="X", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
+    niah.add_argument("--depths", type=fraction, nargs="+", metavar="X", default=list(NIAH_DEPTHS), help="needle depths")
     niah.add_argument("--configs", nargs="+", choices=NIAH_CONFIGS, default=list(NIAH_CONFIGS), help="KV caches")
     niah.add_argument("--quantized-layers", type=nonnegative_int, nargs="*", metavar="N",
                       help="TailorKV's quantized layers (default: the model's layer profile, made on first use "
                            "for smollm2, or its published split)")  # fmt: skip
-    niah.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=32, help="answer length for accuracy")
-    niah.add_argument("--kl-tokens", type=positive_int, metavar="N", default=64, help="greedy tokens compared with dense (agreement, KL)")
-    niah.add_argument("--seed", type=nonnegative_int, metavar="N", default=0, help="which needles (keys, numbers)")
+    niah.add_argument("--token-score", choices=TOKEN_SCORES, default=TOKEN_SCORES[0],
+                      help="how TailorKV's sparse layers rank prompt tokens: group_mean (the reference's) or head_max")  # fmt: skip
+    niah.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=48,
+                      help="answer length for accuracy (a UUID needle takes about 35 SmolLM2 tokens)")  # fmt: skip
+    niah.add_argument("--kl-tokens", type=positive_int, metavar="N", default=64,
+                      help="dense greedy tokens the caches are compared along (top-1, KL, free-running agreement)")  # fmt: skip
+    niah.add_argument("--seed", type=nonnegative_int, metavar="N", default=0, help="which needles (forms, keys, values)")
     niah.add_argument("--torch-threads", type=positive_int, metavar="N", help="torch threads for the quanto configs")
     niah.add_argument("--out", metavar="DIR", default="runs/niah", help="output folder (niah.jsonl, summary.txt, niah.png)")
     niah.add_argument("--fresh", action="store_true", help="move earlier results in --out aside and start over")

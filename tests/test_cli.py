@@ -17,12 +17,12 @@ import dami_jax as dj
 import dami_jax.evals.sweep as sweep_module
 from dami_jax import cli
 from dami_jax.dami.serving import STRATEGIES
-from dami_jax.evals.niah.run import CONFIG_NAMES
+from dami_jax.evals.niah.run import CONFIG_NAMES, DEPTHS
 from dami_jax.evals.route_eval import SPECIAL_ROUTERS
 from dami_jax.evals.router_data import MIXES
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.pinned import SMOLLM2_NAME, SMOLLM2_SHA256
-from dami_jax.tailorkv.cache import PRESETS
+from dami_jax.tailorkv.cache import PRESETS, TOKEN_SCORES, TailorKVConfig
 from dami_jax.toy.pair import toy_pair_paths
 from dami_jax.toy.tokenizer import build_tokenizer, vocabulary
 
@@ -77,7 +77,8 @@ def test_help_answers_without_importing_jax():
 def test_cli_choices_match_the_library():
     assert cli.TEMPLATES == sweep_module.TEMPLATES
     assert cli.ROUTERS == SPECIAL_ROUTERS and cli.MIXES == ("all", *MIXES) and cli.STRATEGIES == STRATEGIES
-    assert cli.NIAH_CONFIGS == CONFIG_NAMES
+    assert cli.NIAH_CONFIGS == CONFIG_NAMES and cli.NIAH_DEPTHS == DEPTHS
+    assert cli.TOKEN_SCORES == TOKEN_SCORES and cli.TOKEN_SCORES[0] == TailorKVConfig().token_score
     assert {v for v in cli.CACHES.values() if v} == set(PRESETS)
 
 
@@ -264,15 +265,36 @@ def test_niah_runs_resumes_and_refuses_other_settings(capsys, tmp_path, chat_mod
     argv = ["niah", "--model", chat_model, "--lengths", "640", "--depths", "0.5", "--configs", "dense", "TailorKV-1",
             "--quantized-layers", "0", "--max-new-tokens", "4", "--kl-tokens", "4", "--out", str(tmp_path)]  # fmt: skip
     code, out, _ = run(capsys, *argv)
-    assert code == 0 and "TailorKV-1" in out and (tmp_path / "niah.png").stat().st_size > 0
+    assert code == 0 and "TailorKV-1" in out and "token score group_mean" in out and (tmp_path / "niah.png").stat().st_size > 0
     records = (tmp_path / "niah.jsonl").read_text()
     assert len(records.splitlines()) == 2
+    assert [json.loads(line)["cache"].get("token_score") for line in records.splitlines()] == [None, "group_mean"]
     assert run(capsys, *argv)[0] == 0 and (tmp_path / "niah.jsonl").read_text() == records
     assert_user_error(*run(capsys, *argv[:-4], "--kl-tokens", "5", "--out", str(tmp_path))[::2], "kl_tokens: 4 stored, 5 now")
+    assert_user_error(*run(capsys, *argv, "--token-score", "head_max")[::2], 'token_score: "group_mean" stored, "head_max" now', "--fresh")
+    assert_user_error(*run(capsys, *argv, "--token-score", "max")[::2], "--token-score", "invalid choice")
     assert_user_error(*run(capsys, *argv, "--lengths", "4096")[::2], "--lengths", "1024 positions")
     assert_user_error(*run(capsys, *argv, "--configs", "H2O")[::2], "--configs", "invalid choice")
     assert_user_error(*run(capsys, *argv, "--depths", "1.5")[::2], "--depths")
     assert (tmp_path / "niah.jsonl").read_text() == records
+    defaults = cli.build_parser().parse_args(["niah"])
+    assert defaults.depths == list(DEPTHS) and defaults.token_score == "group_mean" and defaults.max_new_tokens == 48
+
+
+def test_niah_refuses_a_folder_from_before_needle_forms(capsys, tmp_path, chat_model, monkeypatch):
+    """Settings without niah_version: refused at once (before TailorKV's layer profile would be
+    made for this folder-less model), nothing changed; --fresh moves them aside."""
+    (tmp_path / "settings.json").write_text(json.dumps({"kl_tokens": 4, "max_new_tokens": 4, "seed": 0}))
+    (tmp_path / "niah.jsonl").write_text(json.dumps({"config": "dense", "length": 640, "depth": 0.5, "agreement": 1.0}) + "\n")
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    argv = ["niah", "--model", chat_model, "--lengths", "640", "--depths", "0.5", "--max-new-tokens", "4", "--kl-tokens", "4",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert_user_error(*run(capsys, *argv, "--configs", "TailorKV-1")[::2], "niah_version: none stored, 2 now", "--fresh")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+    assert run(capsys, *argv, "--configs", "dense", "--fresh")[0] == 0
+    (aside,) = tmp_path.glob("stale-*")
+    assert {p.name: p.read_text() for p in aside.iterdir()} == before
+    assert json.loads((tmp_path / "settings.json").read_text())["niah_version"] == 2
 
 
 def test_tailorkv_profiles_the_pinned_model_once_and_never_a_users_folder(capsys, tmp_path, monkeypatch, chat_model):

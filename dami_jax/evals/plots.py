@@ -1,5 +1,5 @@
 """Every figure dami-jax saves: the sweep's accuracy-vs-tokens frontier, the path diagnostics, the
-TailorKV layer profile and the needle-in-a-haystack heat map.
+TailorKV layer profile and the needle-in-a-haystack heat maps and per-length lines.
 
 Figures are built with matplotlib's object API (``Figure``, no pyplot), so saving a plot never
 switches the backend of a notebook or leaves a figure open; :func:`save_figure` writes atomically.
@@ -143,16 +143,28 @@ def plot_profile(profile: LayerProfile, path: str | Path) -> Path:
 # --------------------------------------------------------------------------- needle in a haystack
 
 
-def plot_niah(records: Sequence[dict[str, Any]], path: str | Path, config_order: Sequence[str] = ()) -> Path:
-    """Depth x length accuracy heat map, one panel per cache config (in ``config_order``, then by name)."""
+def _length_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def plot_niah(
+    records: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], path: str | Path, config_order: Sequence[str] = (),
+    subtitle: str = "",
+) -> Path:
+    """Top: a depth x length accuracy heat map per cache config (in ``config_order``, then by name).
+    Bottom: per length, one line per config, of accuracy, top-1 agreement and mean KL(dense ||
+    config) (log scale; dense's zero is left out), from ``rows`` (one per config and length:
+    config, length, accuracy, top1, kl)."""
     order = {c: i for i, c in enumerate(config_order)}
     configs = sorted({r["config"] for r in records}, key=lambda c: (order.get(c, len(order)), c))
     lengths = sorted({int(r["length"]) for r in records})
     depths = sorted({round(float(r["depth"]), 6) for r in records})
     panels = max(len(configs), 1)
-    size = (1.2 + (0.8 + 0.7 * len(lengths)) * panels, 1.6 + 0.4 * len(depths))
-    fig = Figure(figsize=size, layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False, sharey=True)
+    width = max(1.2 + (0.8 + 0.7 * len(lengths)) * panels, 10.0)
+    maps_height, lines_height = 1.6 + 0.4 * len(depths), 2.8
+    fig = Figure(figsize=(width, maps_height + lines_height), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[maps_height, lines_height])
+    axes = top.subplots(1, panels, squeeze=False, sharey=True)
     image = None
     for ax, config in zip(axes[0], configs):
         grid = np.full((len(depths), len(lengths)), np.nan)
@@ -168,12 +180,32 @@ def plot_niah(records: Sequence[dict[str, Any]], path: str | Path, config_order:
             if not np.isnan(value):
                 label = f"{value:.0%}" if len(cells[(i, j)]) > 1 else ("hit" if value else "miss")
                 ax.text(j, i, label, ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths], fontsize=8)
+        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths], fontsize=8)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
         ax.set_xlabel("context length (tokens)", fontsize=8)
-        ax.set_title(config, fontsize=9)
+        found = sum(sum(hits) for hits in cells.values())
+        ax.set_title(f"{config}: {found}/{sum(len(h) for h in cells.values())}", fontsize=9)
     axes[0][0].set_ylabel("needle depth", fontsize=8)
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), fraction=0.05, pad=0.02, label="accuracy")
-    fig.suptitle("Needle in a haystack: accuracy", fontsize=10)
+        top.colorbar(image, ax=axes[0].tolist(), fraction=0.05, pad=0.02, label="accuracy")
+    top.suptitle("Needle in a haystack: accuracy" + (f" ({subtitle})" if subtitle else ""), fontsize=10)
+    colors = {c: f"C{i % 10}" for i, c in enumerate(configs)}
+    for ax, field, label in zip(bottom.subplots(1, 3), ("accuracy", "top1", "kl"),
+                                ("accuracy", "top-1 agreement (forced)", "mean KL(dense || config)")):  # fmt: skip
+        for config in configs:
+            points = [(lengths.index(r["length"]), r[field]) for r in rows if r["config"] == config]
+            if field == "kl":
+                points = [(x, y) for x, y in points if y > 0]
+            if points:
+                ax.plot(*zip(*points), "o-", color=colors[config], label=config, markersize=4)
+        if field == "kl" and ax.lines:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths], fontsize=8)
+        ax.set_xlim(-0.3, len(lengths) - 0.7)
+        ax.set_xlabel("context length (tokens)", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    bottom.legend(handles=[Line2D([], [], color=colors[c], marker="o", label=c) for c in configs], loc="outside right upper", fontsize=8)
     return save_figure(fig, path, dpi=120, bbox_inches="tight")

@@ -22,6 +22,7 @@ from dami_jax.errors import InputError
 from dami_jax.files import check_output_folder, read_json, write_atomic
 
 SETTINGS_FILE = "settings.json"
+NOT_RECORDED = object()  # a required setting that the stored settings lack (an older format)
 
 
 class RecordsError(InputError):
@@ -43,7 +44,10 @@ class StaleResultsError(RecordsError):
         """'max_new_tokens: 160 stored, 8 now; ...' (or the ``detail`` given instead)."""
         if self.detail is not None:
             return self.detail
-        return "; ".join(f"{k}: {json.dumps(old)} stored, {json.dumps(new)} now" for k, (old, new) in self.differences.items())
+        return "; ".join(
+            f"{k}: {'none' if old is NOT_RECORDED else json.dumps(old)} stored, {json.dumps(new)} now"
+            for k, (old, new) in self.differences.items()
+        )
 
 
 class JsonlLog:
@@ -106,10 +110,12 @@ class ResultsFolder:
     def stored_settings(self) -> dict[str, Any] | None:
         return read_json(self.path / SETTINGS_FILE)
 
-    def check(self, settings: Mapping[str, Any]) -> None:
+    def check(self, settings: Mapping[str, Any], required: Iterable[str] = ()) -> None:
         """Raise :class:`StaleResultsError` if the folder holds results made with other values of
         any of ``settings``. A setting the folder has not recorded yet (one that only a part of
-        the grid depends on, run for the first time) is not a difference: :meth:`claim` adds it."""
+        the grid depends on, run for the first time) is not a difference: :meth:`claim` adds it;
+        unless it is ``required`` (a format version, say) and the folder holds results: those
+        were made before the setting existed."""
         stored = self.stored_settings()
         if stored is None:
             if self._has_results():
@@ -117,12 +123,15 @@ class ResultsFolder:
             return
         now = json.loads(json.dumps(dict(settings)))
         differences = {k: (stored[k], v) for k, v in now.items() if k in stored and stored[k] != v}
+        missing = [k for k in required if k not in stored]
+        if missing and self._has_results():
+            differences.update({k: (NOT_RECORDED, now[k]) for k in missing})
         if differences:
             raise StaleResultsError(self.path, differences)
 
-    def claim(self, settings: Mapping[str, Any]) -> None:
+    def claim(self, settings: Mapping[str, Any], required: Iterable[str] = ()) -> None:
         """:meth:`check`, then record ``settings`` for the next run."""
-        self.check(settings)
+        self.check(settings, required)
         merged = {**(self.stored_settings() or {}), **json.loads(json.dumps(dict(settings)))}
         write_atomic(self.path / SETTINGS_FILE, json.dumps(merged, indent=1, sort_keys=True) + "\n")
 

