@@ -20,16 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import dami_jax as dj
-from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache
+from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache, cache_bytes
 from dami_jax.decoding.generation import decode_step
 from dami_jax.evals.calibration import quantized_layers_or_profile
 from dami_jax.evals.timing import call_times
 from dami_jax.models.pinned import smollm2_checkpoint
 from dami_jax.tailorkv.cache import TAILORKV_1, TAILORKV_2, bytes_moved_per_step
-
-
-def device_bytes(cache) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(cache) if x.sharding.memory_kind != "pinned_host")
 
 
 def random_dense_cache(cfg, context: int, new_tokens: int) -> DenseKVCache:
@@ -120,8 +116,7 @@ def main() -> None:
         dense = random_dense_cache(cfg, context, new_tokens=args.steps + 2)
         for name, config in configs.items():
             cache = jax.jit(config.after_prefill, static_argnums=(0, 2))(cfg, dense, context)
-            on_device = device_bytes(cache)
-            on_host = sum(x.nbytes for x in jax.tree.leaves(cache)) - on_device
+            on_device, on_host = cache_bytes(cache)
             seconds = time_decode(params, cfg, cache, args.steps)
             moved = bytes_moved_per_step(cfg, config, 1, context) if name != "dense" else 0
             results[(context, name)] = (on_device, seconds)

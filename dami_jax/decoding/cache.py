@@ -37,6 +37,17 @@ class DenseCacheConfig:
         return cache
 
 
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """(bytes on the device, bytes in host memory) of a cache's arrays: how much of it offloading
+    (TailorKV's sparse layers) keeps off the accelerator."""
+    leaves = jax.tree.leaves(cache)
+    on_host = sum(x.nbytes for x in leaves if x.sharding.memory_kind in HOST_MEMORY_KINDS)
+    return sum(x.nbytes for x in leaves) - on_host, on_host
+
+
 def visible_mask(start: jax.Array, first_slot: jax.Array, num_queries: int, num_slots: int) -> jax.Array:
     """bool [B, T, S]: query t (at slot first_slot + t) sees slots start[b]..first_slot + t."""
     slots = jnp.arange(num_slots)

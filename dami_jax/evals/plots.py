@@ -1,5 +1,5 @@
 """Every figure dami-jax saves: the sweep's accuracy-vs-tokens frontier, the path diagnostics, the
-TailorKV layer profile and the needle-in-a-haystack heat maps and per-length lines.
+TailorKV layer profile, cache costs and the needle-in-a-haystack heat maps and per-length lines.
 
 Figures are built with matplotlib's object API (``Figure``, no pyplot), so saving a plot never
 switches the backend of a notebook or leaves a figure open; :func:`save_figure` writes atomically.
@@ -137,6 +137,39 @@ def plot_profile(profile: LayerProfile, path: str | Path) -> Path:
     ax.set_ylabel(f"mass outside top {100 * profile.alpha:g}%")
     ax.set_title(f"TailorKV dense preference: {profile.model or 'model'} ({profile.num_tokens} tokens)", fontsize=10)
     ax.grid(axis="y", alpha=0.3, zorder=0)
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_cache_costs(costs: Sequence[dict[str, Any]], path: str | Path, title: str = "KV cache cost") -> Path:
+    """Device-resident KV MB (host-offloaded MB stacked above, hatched) and ms per generated token,
+    one bar per cache config, each labelled with its ratio to the first config (the baseline).
+    ``costs``: dicts with ``config``, ``device_bytes``, ``host_bytes`` and ``seconds`` (per token)."""
+    names = [c["config"] for c in costs]
+    device = np.array([c["device_bytes"] for c in costs]) / 1e6
+    host = np.array([c["host_bytes"] for c in costs]) / 1e6
+    ms = np.array([c["seconds"] for c in costs]) * 1e3
+    fig = Figure(figsize=(9, 3.6), layout="tight")
+    memory, time = fig.subplots(1, 2)
+    x = np.arange(len(costs))
+    memory.bar(x, device, color="tab:blue", zorder=3, label="on the device")
+    memory.bar(x, host, bottom=device, color="none", edgecolor="tab:gray", hatch="//", zorder=3, label="offloaded to host")
+    for i, mb in enumerate(device):  # labels above the stack: name the device part
+        memory.annotate(f"device {mb:.1f} MB" + (f"\n{device[0] / mb:.1f}x smaller" if i else ""), (i, mb + host[i]),
+                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)  # fmt: skip
+    memory.set_ylabel("KV cache MB")
+    memory.set_title("KV cache memory", fontsize=10)
+    memory.legend(fontsize=8, loc="upper left")
+    time.bar(x, ms, color="tab:green", zorder=3)
+    for i, t in enumerate(ms):
+        time.annotate(f"{t:.1f} ms\n{t / ms[0]:.2f}x" if i else f"{t:.1f} ms", (i, t), textcoords="offset points",
+                      xytext=(0, 3), ha="center", fontsize=8)  # fmt: skip
+    time.set_ylabel("ms per generated token")
+    time.set_title("decode time", fontsize=10)
+    for ax, top in ((memory, (device + host).max()), (time, ms.max())):
+        ax.set_xticks(x, names, fontsize=9)
+        ax.set_ylim(0, 1.4 * top)
+        ax.grid(axis="y", alpha=0.3, zorder=0)
+    fig.suptitle(title, fontsize=10)
     return save_figure(fig, path, dpi=120)
 
 

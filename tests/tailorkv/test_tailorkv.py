@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
-from dami_jax.decoding.cache import DenseKVCache
+from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache, cache_bytes
 from dami_jax.decoding.generation import build_cache, decode_step, prepare_prompts
+from dami_jax.evals.plots import plot_cache_costs
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv.cache import (
     TAILORKV_1,
@@ -172,8 +173,20 @@ def test_sparse_prompt_kv_lives_in_host_memory_and_device_bytes_shrink():
     assert sparse.k_host.sharding.memory_kind == "pinned_host"
     assert sparse.kt_host.shape == (1, CFG.num_kv_heads, CFG.head_dim, 928)  # 900 tokens left-padded to a multiple of 32
     assert sparse.k_window.sharding.memory_kind == "device"
-    on_device = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.sharding.memory_kind != "pinned_host")  # noqa: E731
-    assert on_device(tkv) * 3 < on_device(dense)
+    (dense_device, dense_host), (tkv_device, tkv_host) = cache_bytes(dense), cache_bytes(tkv)
+    assert tkv_device * 3 < dense_device
+    sparse_layers = [layer for layer in tkv.layers if isinstance(layer, SparseLayerCache)]
+    assert dense_host == 0 and tkv_host == sum(3 * layer.k_host.nbytes for layer in sparse_layers)  # k, v, k transposed
+
+
+def test_cache_costs_plot(tmp_path):
+    tokens, start, size = prepare_prompts(prompts(300), CFG, max_new_tokens=8)
+    costs = []
+    for name, config in (("dense", DenseCacheConfig()), ("TailorKV-1", TAILORKV_1)):
+        _, cache = build_cache(PARAMS, tokens, start, cfg=CFG, cache_size=size, cache_config=config)
+        on_device, on_host = cache_bytes(cache)
+        costs.append({"config": name, "device_bytes": on_device, "host_bytes": on_host, "seconds": 0.01 * (len(costs) + 1)})
+    assert plot_cache_costs(costs, tmp_path / "costs.png").stat().st_size > 1000
 
 
 def test_channel_importance_uses_group_mean_query_times_key_range():
