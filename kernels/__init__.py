@@ -1,2 +1,15 @@
-"""The kernel package, installed as ``dami_jax.kernels`` (never as a top-level ``kernels``: that
-name is taken on PyPI). It holds no kernel yet; the library runs on its pure-jnp code paths."""
+"""Decode-attention kernels for the TailorKV cache, installed as ``dami_jax.kernels`` (never as a
+top-level ``kernels``: that name is taken on PyPI). Each sits beside its pure-jnp reference and
+takes the reference's arguments:
+
+- :mod:`.quant_attention` (Pallas): one query step against KIVI codes plus the full-precision
+  residual, dequantized tile by tile (ref. ``dami_jax.tailorkv.quant_attention``);
+- :mod:`.decode_attention` (Pallas): full-precision attention over one or more KV segments
+  (ref. ``dami_jax.models.attention.attention``);
+- :mod:`.sparse_scores` (Pallas): a sparse layer's token scores at its critical channels
+  (ref. ``dami_jax.tailorkv.cache.token_scores``);
+- :mod:`.triton_attention` (Triton, through jax-triton): the quantized attention again.
+
+They share one block algorithm (:mod:`.blocks`: flash-decoding partials merged at the end). The
+Pallas kernels target Pallas' Triton lowering on GPU and run anywhere with ``interpret=True``.
+"""

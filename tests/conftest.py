@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random HF checkpoints of every supported architecture, and SmolLM2.
 
 XLA_FLAGS must be set before anything imports jax: tests see 4 virtual CPU devices so that
-sharding runs for real on a machine without accelerators.
+sharding runs for real on a machine without accelerators. Without a GPU, ``gpu``-marked tests
+skip (with the reason) and Triton kernels run through Triton's CPU interpreter.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ from dami_jax.models.checkpoint import save_hf_checkpoint  # noqa: E402
 from dami_jax.models.config import ModelConfig  # noqa: E402
 from dami_jax.models.params import init_params  # noqa: E402
 from dami_jax.toy.tokenizer import build_tokenizer, vocabulary  # noqa: E402
+
+ON_GPU = jax.default_backend() == "gpu"
+if not ON_GPU:
+    # Triton reads this when a kernel is decorated: before any Triton kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason=f"gpu test: no GPU here (jax backend {jax.default_backend()!r})")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -1,0 +1,71 @@
+"""Compiled kernels on a GPU against the pure-jnp references (skipped without a GPU): the Pallas
+kernels through Pallas' Triton lowering, the Triton kernel through jax-triton. Sizes of a real
+decode step: a 1024-token store, a ring of R + 1 = 129 tokens, SmolLM2's and Llama's GQA groups."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from kernel_cases import TOLERANCE, gaussian, quantize_case, quantized_case
+
+from dami_jax.kernels.decode_attention import segment_attention
+from dami_jax.kernels.quant_attention import quantized_attention
+from dami_jax.kernels.sparse_scores import MODES, token_scores
+from dami_jax.models.attention import attention
+from dami_jax.tailorkv import cache, quant_attention
+
+pytestmark = pytest.mark.gpu
+
+LAYOUTS = pytest.mark.parametrize("head_dim, gqa, bits", [(64, 3, 1), (64, 3, 2), (128, 4, 4)])
+
+
+def quantized(head_dim: int, gqa: int, bits: int):
+    """The reference's arguments: batch 2 (rows of different lengths), 3 KV heads, group 64."""
+    raw = quantized_case(0, 2, 3, gqa, head_dim, 1024, 129)
+    return jax.jit(quantize_case, static_argnums=(1, 2, 3, 4, 5))(raw, bits, 64, bits, 64, jnp.float16)
+
+
+@LAYOUTS
+def test_pallas_quantized_attention(highest_precision, head_dim, gqa, bits):
+    case = quantized(head_dim, gqa, bits)
+    out = jax.jit(quantized_attention)(*case)
+    assert rel_err(out, jax.jit(quant_attention.quantized_attention)(*case)) <= TOLERANCE
+
+
+@LAYOUTS
+def test_triton_quantized_attention(highest_precision, head_dim, gqa, bits):
+    pytest.importorskip("jax_triton", reason="jax-triton is not installed (the gpu extra)")
+    from dami_jax.kernels import triton_attention
+
+    case = quantized(head_dim, gqa, bits)
+    out = jax.jit(triton_attention.quantized_attention)(*case)
+    assert rel_err(out, jax.jit(quant_attention.quantized_attention)(*case)) <= TOLERANCE
+
+
+def test_pallas_sparse_layer(highest_precision):
+    """Scores over a 4000-token prompt at 12 channels read from the transposed keys; attention
+    over window (64) + top-k (128) + generated (256) bfloat16 tokens with per-head masks."""
+    rng = np.random.default_rng(0)
+    b, hkv, gqa, hd, prompt, c = 2, 3, 3, 64, 4000, 12
+    kt = gaussian(rng, (b, hkv, hd, prompt), jnp.bfloat16)
+    channels = jnp.asarray(np.argsort(rng.random((b, hkv, hd)), axis=-1)[..., :c], jnp.int32)
+    q_channels = gaussian(rng, (b, hkv, gqa, c))
+    rows = jnp.take_along_axis(kt, channels[..., None], axis=2)
+    for mode in MODES:
+        out = jax.jit(functools.partial(token_scores, mode=mode))(q_channels, kt, channels=channels)
+        assert rel_err(out, cache.token_scores(q_channels, rows, mode)) <= TOLERANCE
+    q = gaussian(rng, (b, 1, hkv * gqa, hd))
+    segments = [
+        (gaussian(rng, (b, hkv, s, hd), jnp.bfloat16), gaussian(rng, (b, hkv, s, hd), jnp.bfloat16),
+         jnp.asarray(rng.random((b, hkv, s)) < 0.7))
+        for s in (64, 128, 256)
+    ]  # fmt: skip
+    out = jax.jit(segment_attention)(q, segments)
+    k, v = (jnp.concatenate([s[i].astype(jnp.float32) for s in segments], axis=2) for i in (0, 1))
+    mask = jnp.concatenate([s[2] for s in segments], axis=-1)[:, :, None]
+    assert rel_err(out, attention(q, k, v, mask)) <= TOLERANCE

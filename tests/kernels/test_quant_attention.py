@@ -1,0 +1,81 @@
+"""Quantized decode attention (Pallas, interpret mode) against the pure-jnp reference
+:func:`dami_jax.tailorkv.quant_attention.quantized_attention`."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import rel_err
+from hypothesis import given
+from hypothesis import strategies as st
+from kernel_cases import (
+    BITS,
+    BLOCKS,
+    FEW,
+    GQA,
+    SCALE_DTYPES,
+    SEEDS,
+    TOLERANCE,
+    group_choices,
+    quantize_case,
+    quantized_case,
+)
+
+from dami_jax.kernels.blocks import unsupported
+from dami_jax.kernels.quant_attention import quantized_attention
+from dami_jax.tailorkv import quant_attention as reference
+from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues
+
+
+@functools.partial(jax.jit, static_argnames=("quant", "block"))
+def kernel_and_reference(case, quant, block):
+    """quant: (k_bits, k_group, v_bits, v_group, scale_dtype) for :func:`quantize_case`."""
+    case = quantize_case(case, *quant)
+    return quantized_attention(*case, block=block, interpret=True), reference.quantized_attention(*case)
+
+
+@FEW
+@given(
+    seed=SEEDS,
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    gqa=GQA,
+    k_bits=BITS,
+    v_bits=BITS,
+    key_groups=st.integers(1, 3),
+    residual=st.integers(1, 20),
+    scale_dtype=SCALE_DTYPES,
+    block=BLOCKS,
+    data=st.data(),
+)
+def test_matches_reference(seed, batch, kv_heads, gqa, k_bits, v_bits, key_groups, residual, scale_dtype, block, data):
+    """bits x groups x store lengths off the block grid (odd numbers of key groups) x residual
+    lengths x GQA ratios x batch rows of different lengths (empty rows included)."""
+    k_group = data.draw(st.sampled_from(group_choices(k_bits, 64)), label="k_group")
+    v_group = data.draw(st.sampled_from([8, 16, 32]), label="v_group")
+    case = quantized_case(seed, batch, kv_heads, gqa, 32, k_group * key_groups, residual)
+    out, ref = kernel_and_reference(case, (k_bits, k_group, v_bits, v_group, scale_dtype), block=block)
+    assert out.shape == case[0].shape and out.dtype == jnp.float32
+    assert rel_err(out, ref) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "head_dim, bits, group, why",
+    [
+        (48, 4, 16, "head_dim=48 must be a power of two"),
+        (16, 1, 16, "multiple of 32 (1-bit value words)"),
+        (32, 1, 16, "key groups of whole 32-code words"),
+        (32, 4, 24, "must be powers of two"),
+    ],
+)
+def test_unsupported_layouts_are_named(head_dim, bits, group, why):
+    keys = QuantizedKeys.zeros(1, 1, 2 * group, head_dim, bits, group)
+    values = QuantizedValues.zeros(1, 1, 2 * group, head_dim, bits, 8 if group == 24 else group)
+    assert why in unsupported(keys, values)
+    q, window, mask = jnp.zeros((1, 1, 2, head_dim)), jnp.zeros((1, 1, 3, head_dim)), jnp.ones((1, 1, 2 * group), bool)
+    with pytest.raises(ValueError, match=re.escape(why)):
+        quantized_attention(q, keys, values, window, window, mask, mask[..., :3], interpret=True)
