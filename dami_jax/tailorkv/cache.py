@@ -30,6 +30,7 @@ does); :meth:`TailorKVConfig.after_prefill` then builds this cache from it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import flax.struct
 import jax
@@ -37,6 +38,10 @@ import jax.numpy as jnp
 from jax.experimental.compute_on import compute_on
 
 from dami_jax.decoding.cache import DenseKVCache
+from dami_jax.kernels import decode_attention as pallas_attention
+from dami_jax.kernels import quant_attention as pallas_quant
+from dami_jax.kernels import sparse_scores as pallas_scores
+from dami_jax.kernels.blocks import unsupported
 from dami_jax.models.attention import attention
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv.quant import (
@@ -50,6 +55,7 @@ from dami_jax.tailorkv.quant import (
 from dami_jax.tailorkv.quant_attention import quantized_attention
 
 TOKEN_SCORES = ("group_mean", "head_max")
+KERNELS = ("auto", "xla", "pallas", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +68,14 @@ class TailorKVConfig:
     max over the group) is ours: a token that one head needs is not averaged away by the others.
     It is kept because on SmolLM2 NIAH it found as many needles or more, with lower KL to dense
     (docs/results.md, "TailorKV token scoring: reference vs ours").
+
+    ``kernel``: what computes decode attention (static: chosen once, when the cache is built).
+    ``"xla"``: the pure-jnp references. ``"pallas"``: :mod:`dami_jax.kernels` (quantized
+    attention, sparse token scores, attention over the sparse layers' segments without
+    concatenating them); on CPU they run in Pallas' interpreter (slow; for checking). ``"triton"``:
+    the quantized layers through the Triton kernel (jax-triton, CUDA GPUs only), the sparse layers
+    through Pallas. ``"auto"``: Pallas on GPU/TPU when the kernels can read this store (see
+    :func:`dami_jax.kernels.blocks.unsupported`), else XLA; XLA on CPU.
     """
 
     bits: int = 1
@@ -75,8 +89,11 @@ class TailorKVConfig:
     scale_dtype: str = "float16"
     offload: bool = True  # keep sparse layers' prompt K/V in host memory
     token_score: str = "group_mean"  # one of TOKEN_SCORES
+    kernel: str = "auto"  # one of KERNELS
 
     def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got kernel={self.kernel!r}")
         if self.token_score not in TOKEN_SCORES:
             raise ValueError(f"token_score must be one of {TOKEN_SCORES}, got token_score={self.token_score!r}")
         if self.bits not in BIT_WIDTHS:
@@ -101,6 +118,24 @@ class TailorKVConfig:
             raise ValueError(f"quantized_layers: {bad} outside the model's {cfg.num_layers} layers")
         if self.num_channels > cfg.head_dim:
             raise ValueError(f"num_channels={self.num_channels} exceeds head_dim={cfg.head_dim}")
+        self.kernel_for(cfg)
+
+    def kernel_for(self, cfg: ModelConfig, backend: str | None = None) -> str:
+        """``kernel`` resolved for ``cfg`` on ``backend`` (default: JAX's): "xla", "pallas" or
+        "triton". ValueError when an explicit kernel cannot run here."""
+        backend = backend or jax.default_backend()
+        stores = jax.eval_shape(lambda: (
+            QuantizedKeys.zeros(1, 1, self.group, cfg.head_dim, self.bits, self.group),
+            QuantizedValues.zeros(1, 1, self.group, cfg.head_dim, self.bits, self.group),
+        ))  # fmt: skip
+        reason = unsupported(*stores)
+        if self.kernel == "auto":
+            return "xla" if backend == "cpu" or reason else "pallas"
+        if self.kernel != "xla" and reason:
+            raise ValueError(f"kernel={self.kernel!r} cannot read this cache: {reason}")
+        if self.kernel == "triton" and backend != "gpu":
+            raise ValueError(f"kernel='triton' runs through jax-triton on a CUDA GPU; the backend here is {backend}")
+        return self.kernel
 
     def after_prefill(self, cfg: ModelConfig, dense: DenseKVCache, prompt_len: int) -> "TailorKVCache":
         self.validate(cfg)
@@ -110,7 +145,10 @@ class TailorKVConfig:
             else _sparse_layer(self, cfg, dense.k[i], dense.v[i], dense.start, prompt_len)
             for i in range(cfg.num_layers)
         )
-        return TailorKVCache(layers=layers, length=dense.length, start=dense.start, config=self, prompt_len=prompt_len)
+        return TailorKVCache(
+            layers=layers, length=dense.length, start=dense.start, config=self, prompt_len=prompt_len,
+            kernel=self.kernel_for(cfg),
+        )  # fmt: skip
 
 
 TAILORKV_1 = TailorKVConfig(bits=1, budget=192, sink=8, recent=56, num_channels=8)
@@ -255,6 +293,7 @@ class TailorKVCache:
     start: jax.Array  # int32 [B]: first real prompt slot per row
     config: TailorKVConfig = flax.struct.field(pytree_node=False)
     prompt_len: int = flax.struct.field(pytree_node=False)
+    kernel: str = flax.struct.field(pytree_node=False, default="xla")  # resolved: "xla", "pallas" or "triton"
 
     def positions(self, num_tokens: int) -> jax.Array:
         return self.length + jnp.arange(num_tokens)[None, :] - self.start[:, None]
@@ -296,7 +335,7 @@ class TailorKVCache:
         values = state.values.update(quantize_values(v_new, **quantize), n - 1)
         mask_quant = jnp.arange(values.num_tokens)[None, None, :] < (n - window)[:, None, None]
         mask_ring = (_ring_slots(n, window) >= 0)[:, None, :]
-        out = quantized_attention(q, state.keys, values, k_window, v_window, mask_quant, mask_ring)
+        out = self._quantized_attention(q, state.keys, values, k_window, v_window, mask_quant, mask_ring)
         block_start = (n - 1) // r * r
         block = quantize_keys(_gather_tokens(k_window, (block_start[:, None] + jnp.arange(r)) % window), **quantize)
         keys = state.keys.update(block, block_start)  # a partial block is rewritten until it is whole
@@ -310,29 +349,50 @@ class TailorKVCache:
         v_gen = jax.lax.dynamic_update_slice(state.v_gen, v.swapaxes(1, 2).astype(state.v_gen.dtype), (0, 0, generated, 0))
         b, _, hq, hd = q.shape
         hkv = state.k_absmax.shape[1]
-        parts_k, parts_v = [state.k_window], [state.v_window]
-        parts_mask = [jnp.broadcast_to(state.window_mask[:, None, :], (b, hkv, state.window_mask.shape[1]))]
+        window_mask = jnp.broadcast_to(state.window_mask[:, None, :], (b, hkv, state.window_mask.shape[1]))
+        segments = [(state.k_window, state.v_window, window_mask)]  # (k, v [B, Hkv, S, hd], mask [B, Hkv, S])
         top_k = min(config.top_k, prompt_len)
         if top_k:
             # Approximate scores of every prompt token from the chosen channels only.
             channel_rows = _host_take(state.kt_host, channels[..., None], axis=2, config=config)  # [B, Hkv, C, P]
             q_channels = jnp.take_along_axis(q[:, 0].reshape(b, hkv, hq // hkv, hd), channels[:, :, None, :], axis=3)
-            approx = token_scores(q_channels, channel_rows, config.token_score)
+            approx = self._token_scores(q_channels, channel_rows)
             slots = jnp.arange(prompt_len)
             eligible = (slots >= self.start[:, None] + config.sink) & (slots < prompt_len - config.recent)
             approx = jnp.where(eligible[:, None, :], approx, -jnp.inf)
             scores, chosen = jax.lax.top_k(approx, top_k)  # [B, Hkv, top_k]
-            parts_k.append(_host_take(state.k_host, chosen[..., None], axis=2, config=config))
-            parts_v.append(_host_take(state.v_host, chosen[..., None], axis=2, config=config))
-            parts_mask.append(scores > -jnp.inf)
-        parts_k.append(k_gen)
-        parts_v.append(v_gen)
-        parts_mask.append(jnp.broadcast_to(jnp.arange(k_gen.shape[2]) <= generated, (b, hkv, k_gen.shape[2])))
-        keys = jnp.concatenate([p.astype(k_gen.dtype) for p in parts_k], axis=2)
-        values = jnp.concatenate([p.astype(v_gen.dtype) for p in parts_v], axis=2)
-        mask = jnp.concatenate(parts_mask, axis=2)[:, :, None, :]  # [B, Hkv, T=1, S]
-        out = attention(q, keys, values, mask)
-        return out, state.replace(k_gen=k_gen, v_gen=v_gen)
+            segments.append((
+                _host_take(state.k_host, chosen[..., None], axis=2, config=config),
+                _host_take(state.v_host, chosen[..., None], axis=2, config=config),
+                scores > -jnp.inf,
+            ))  # fmt: skip
+        segments.append((k_gen, v_gen, jnp.broadcast_to(jnp.arange(k_gen.shape[2]) <= generated, (b, hkv, k_gen.shape[2]))))
+        return self._attend_segments(q, segments), state.replace(k_gen=k_gen, v_gen=v_gen)
+
+    # The kernel choice (``kernel``, resolved when the cache was built; Pallas on CPU is interpreted).
+
+    def _quantized_attention(self, *args) -> jax.Array:
+        if self.kernel == "xla":
+            return quantized_attention(*args)
+        if self.kernel == "triton":  # triton is an optional (GPU) dependency: imported when chosen
+            return importlib.import_module("dami_jax.kernels.triton_attention").quantized_attention(*args)
+        return pallas_quant.quantized_attention(*args, interpret=jax.default_backend() == "cpu")
+
+    def _token_scores(self, q_channels: jax.Array, channel_rows: jax.Array) -> jax.Array:
+        if self.kernel == "xla":
+            return token_scores(q_channels, channel_rows, self.config.token_score)
+        return pallas_scores.token_scores(q_channels, channel_rows, self.config.token_score,
+                                          interpret=jax.default_backend() == "cpu")  # fmt: skip
+
+    def _attend_segments(self, q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+        """Attention over the sparse layer's segments (window, top-k rows, generated tokens)."""
+        if self.kernel != "xla":
+            return pallas_attention.segment_attention(q, segments, interpret=jax.default_backend() == "cpu")
+        dtype = segments[-1][0].dtype
+        keys = jnp.concatenate([k.astype(dtype) for k, _, _ in segments], axis=2)
+        values = jnp.concatenate([v.astype(dtype) for _, v, _ in segments], axis=2)
+        mask = jnp.concatenate([m for _, _, m in segments], axis=2)[:, :, None, :]  # [B, Hkv, T=1, S]
+        return attention(q, keys, values, mask)
 
     def advance(self, num_tokens: int) -> "TailorKVCache":
         return self.replace(length=self.length + num_tokens)

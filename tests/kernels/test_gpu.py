@@ -4,6 +4,7 @@ decode step: a 1024-token store, a ring of R + 1 = 129 tokens, SmolLM2's and Lla
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -13,10 +14,12 @@ import pytest
 from conftest import rel_err
 from kernel_cases import TOLERANCE, gaussian, quantize_case, quantized_case
 
+import dami_jax as dj
 from dami_jax.kernels.decode_attention import segment_attention
 from dami_jax.kernels.quant_attention import quantized_attention
 from dami_jax.kernels.sparse_scores import MODES, token_scores
 from dami_jax.models.attention import attention
+from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv import cache, quant_attention
 
 pytestmark = pytest.mark.gpu
@@ -69,3 +72,18 @@ def test_pallas_sparse_layer(highest_precision):
     k, v = (jnp.concatenate([s[i].astype(jnp.float32) for s in segments], axis=2) for i in (0, 1))
     mask = jnp.concatenate([s[2] for s in segments], axis=-1)[:, :, None]
     assert rel_err(out, attention(q, k, v, mask)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "triton"])
+def test_tailorkv_generation_gives_the_xla_tokens(kernel):
+    """Greedy TailorKV-1 decoding on the GPU with each kernel choice, against the XLA path."""
+    if kernel == "triton":
+        pytest.importorskip("jax_triton", reason="jax-triton is not installed (the gpu extra)")
+    cfg = ModelConfig(architecture="llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
+                      num_heads=6, num_kv_heads=2, head_dim=64, max_position_embeddings=8192)  # fmt: skip
+    params = dj.init_params(cfg, jax.random.key(0), scale=0.15)
+    rows = [np.random.default_rng(i).integers(0, cfg.vocab_size, n).tolist() for i, n in enumerate((3000, 2100))]
+    config = dataclasses.replace(cache.TAILORKV_1, quantized_layers=(0,), kernel="xla")
+    xla = dj.generate(params, cfg, rows, max_new_tokens=140, stop_tokens=[], cache=config)
+    out = dj.generate(params, cfg, rows, max_new_tokens=140, stop_tokens=[], cache=dataclasses.replace(config, kernel=kernel))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(xla.tokens))

@@ -45,6 +45,7 @@ def run(cache, rows, new=24):
         (dict(residual=96, group=64), "residual"),
         (dict(num_channels=0), "num_channels"),
         (dict(token_score="mean"), r"token_score must be one of \('group_mean', 'head_max'\)"),
+        (dict(kernel="cuda"), r"kernel must be one of \('auto', 'xla', 'pallas', 'triton'\)"),
     ],
 )
 def test_bad_config_is_rejected_up_front(kwargs, match):
@@ -231,3 +232,26 @@ def test_token_score_defaults_to_the_reference_and_reaches_the_sparse_layers():
         cache = dataclasses.replace(tight, token_score=mode).after_prefill(CFG, dense, 300)
         outs.append(np.asarray(cache._attend_sparse(cache.layers[1], q, k_new, v_new, channels)[0]))
     assert not np.allclose(*outs)
+
+
+def test_kernel_choice_is_resolved_once_per_backend_and_store():
+    cfg96 = dataclasses.replace(CFG, head_dim=96, hidden_size=96)  # not a power of two: the kernels cannot read it
+    auto = TailorKVConfig(group=32, residual=128)
+    assert auto.kernel_for(CFG, "cpu") == "xla" and auto.kernel_for(CFG, "gpu") == "pallas"
+    assert auto.kernel_for(cfg96, "gpu") == "xla"
+    assert TailorKVConfig(kernel="pallas").kernel_for(CFG, "cpu") == "pallas"  # interpreted
+    with pytest.raises(ValueError, match="kernel='pallas' cannot read this cache: head_dim=96"):
+        TailorKVConfig(kernel="pallas", group=32, residual=128).kernel_for(cfg96, "gpu")
+    with pytest.raises(ValueError, match="kernel='triton' runs through jax-triton on a CUDA GPU"):
+        run(TailorKVConfig(kernel="triton"), prompts(100))
+    assert "kernel='auto'" in repr(auto)
+
+
+def test_pallas_kernels_give_the_xla_tokens():
+    """The whole TailorKV decode (quantized attention, sparse token scores, segment attention)
+    through the Pallas kernels, interpreted on CPU, past a key flush: the same greedy tokens."""
+    rows = prompts(300, 230)
+    config = TailorKVConfig(bits=2, budget=96, sink=8, recent=24, residual=64, quantized_layers=(0,))
+    xla, pallas = run(config, rows, new=70), run(dataclasses.replace(config, kernel="pallas"), rows, new=70)
+    np.testing.assert_array_equal(pallas.tokens, xla.tokens)
+    np.testing.assert_allclose(pallas.logprobs, xla.logprobs, atol=1e-4)
