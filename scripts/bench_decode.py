@@ -1,7 +1,8 @@
-"""Decode throughput: dami-jax ``generate`` vs transformers ``generate`` (torch CPU), same model,
-same prompts, greedy, a fixed number of new tokens, float32. Prints tokens/s and the ratio.
+"""Decode throughput: dami-jax ``generate`` vs transformers ``generate`` (torch), same model,
+same prompts, greedy, a fixed number of new tokens, float32 (``--dtype bfloat16``: the GPU mode;
+transformers runs on the GPU whenever torch sees one). Prints tokens/s and the ratio.
 
-    python scripts/bench_decode.py [--model PATH] [--new-tokens 128] [--batch 1 8] [--repeats 3]
+    python scripts/bench_decode.py [--model PATH] [--new-tokens 128] [--batch 1 8] [--repeats 3] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -35,17 +36,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both models' weights")
     args = parser.parse_args()
 
     path = args.model or smollm2_checkpoint()
     tokenizer = load_tokenizer(path)
-    cfg, params = dj.load_checkpoint(path, dtype=np.float32)
+    cfg, params = dj.load_checkpoint(path, dtype=np.dtype(args.dtype))
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device).eval()
     n = args.new_tokens
-    print(f"model {path}\njax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), float32, greedy, {n} new tokens\n")  # fmt: skip
+    print(f"model {path}\njax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on {device} "
+          f"({torch.get_num_threads()} threads), {args.dtype}, greedy, {n} new tokens\n")  # fmt: skip
     rows = []
     for batch in args.batch:
         prompts = [chat_tokens(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(batch)]
@@ -60,12 +63,14 @@ def main() -> None:
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
 
+        ids, mask = ids.to(device), mask.to(device)
+
         def theirs():
             with torch.no_grad():
                 hf.generate(
                     input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                     pad_token_id=cfg.pad_token_id,
-                )  # fmt: skip
+                ).cpu()  # waits for the device
 
         t_ours, t_theirs = min(call_times(ours, args.repeats)), min(call_times(theirs, args.repeats))
         rows.append((batch, batch * n / t_ours, batch * n / t_theirs))

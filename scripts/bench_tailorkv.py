@@ -28,13 +28,13 @@ from dami_jax.models.pinned import smollm2_checkpoint
 from dami_jax.tailorkv.cache import TAILORKV_1, TAILORKV_2, bytes_moved_per_step
 
 
-def random_dense_cache(cfg, context: int, new_tokens: int) -> DenseKVCache:
+def random_dense_cache(cfg, context: int, new_tokens: int, dtype: str = "float32") -> DenseKVCache:
     size = context + new_tokens
     keys = jax.random.split(jax.random.key(0), 2 * cfg.num_layers)
     shape = (1, cfg.num_kv_heads, size, cfg.head_dim)
     return DenseKVCache(
-        k=tuple(jax.random.normal(k, shape) for k in keys[: cfg.num_layers]),
-        v=tuple(jax.random.normal(k, shape) for k in keys[cfg.num_layers :]),
+        k=tuple(jax.random.normal(k, shape, dtype) for k in keys[: cfg.num_layers]),
+        v=tuple(jax.random.normal(k, shape, dtype) for k in keys[cfg.num_layers :]),
         length=jnp.asarray(context, jnp.int32),
         start=jnp.zeros((1,), jnp.int32),
     )
@@ -96,10 +96,11 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--skip-quanto", action="store_true")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and K/V (bfloat16: the GPU mode)")
     args = parser.parse_args()
 
     path = smollm2_checkpoint()
-    cfg, params = dj.load_checkpoint(path, dtype=np.float32)
+    cfg, params = dj.load_checkpoint(path, dtype=np.dtype(args.dtype))
     # Timing beyond the trained 8k positions is fine: RoPE extrapolates, and quality is not measured here.
     cfg = dataclasses.replace(cfg, max_position_embeddings=max(args.contexts) + 64)
     layers = quantized_layers_or_profile(path, cfg.num_layers)
@@ -108,17 +109,17 @@ def main() -> None:
         "TailorKV-1": dataclasses.replace(TAILORKV_1, quantized_layers=layers),
         "TailorKV-2": dataclasses.replace(TAILORKV_2, quantized_layers=layers),
     }
-    print(f"SmolLM2-135M float32, batch 1, jax {jax.__version__} on {jax.devices()[0].platform}; "
+    print(f"SmolLM2-135M {args.dtype}, batch 1, jax {jax.__version__} on {jax.devices()[0].platform}; "
           f"quantized layers {layers}\n")  # fmt: skip
     print(f"{'context':>7}  {'cache':<12} {'device KV MB':>12}  {'host KV MB':>10}  {'ms/token':>9}  {'moved/step MB':>13}")
     results = {}
     for context in args.contexts:
-        dense = random_dense_cache(cfg, context, new_tokens=args.steps + 2)
+        dense = random_dense_cache(cfg, context, new_tokens=args.steps + 2, dtype=args.dtype)
         for name, config in configs.items():
             cache = jax.jit(config.after_prefill, static_argnums=(0, 2))(cfg, dense, context)
             on_device, on_host = cache_bytes(cache)
             seconds = time_decode(params, cfg, cache, args.steps)
-            moved = bytes_moved_per_step(cfg, config, 1, context) if name != "dense" else 0
+            moved = bytes_moved_per_step(cfg, config, 1, context, jnp.dtype(args.dtype).itemsize) if name != "dense" else 0
             results[(context, name)] = (on_device, seconds)
             print(f"{context:7d}  {name:<12} {on_device / 1e6:12.1f}  {on_host / 1e6:10.1f}  {seconds * 1e3:9.1f}  {moved / 1e6:13.2f}")
         if not args.skip_quanto:

@@ -24,11 +24,17 @@ def smollm2_gguf() -> Path:
     return package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, SMOLLM2_SHA256)
 
 
+def smollm2_folder() -> Path:
+    """Where :func:`smollm2_checkpoint` keeps the converted folder, under
+    :func:`dami_jax.models.assets.cache_dir`; named as on the hub (profiles and records name a
+    model by its folder)."""
+    return cache_dir() / f"smollm2-{SMOLLM2_SHA256[:12]}" / SMOLLM2_NAME
+
+
 def smollm2_checkpoint() -> Path:
     """An HF folder converted from :func:`smollm2_gguf` on first use (announced on stderr: it takes
-    about a minute and writes ~540 MB), then cached under :func:`dami_jax.models.assets.cache_dir`."""
-    # Named as on the hub: profiles and records name a model by its folder.
-    out = cache_dir() / f"smollm2-{SMOLLM2_SHA256[:12]}" / SMOLLM2_NAME
+    about a minute and writes ~540 MB), then cached in :func:`smollm2_folder`."""
+    out = smollm2_folder()
     if not (out / "model.safetensors").is_file():
         check_convert_extra()
         gguf = smollm2_gguf()

@@ -1,0 +1,92 @@
+"""Scripts that run outside the suite: the one-shot GPU check's dry run (every step's script and
+flag exists, and a missing one is named) and the kernel benchmark on CPU at a tiny size."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("pytest", "bench_kernels", "bench_tailorkv", "bench_interpolate", "bench_decode")
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), cwd=ROOT, capture_output=True, text=True)
+
+
+def bench_kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_dry_run_lists_every_step():
+    done = run("bash", "scripts/gpu_check.sh", "--dry-run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for step in STEPS:
+        assert re.search(rf"^  {step} +\d+s  ", done.stdout, re.M), (step, done.stdout)
+    assert "-m gpu" in done.stdout and "tests/kernels/test_gpu.py" in done.stdout
+    assert "bench_decode.py --dtype bfloat16" in done.stdout and "bench_tailorkv.py --dtype bfloat16" in done.stdout
+    assert "checked: every script and flag exists" in done.stdout
+
+
+def test_gpu_check_dry_run_names_a_missing_flag(tmp_path):
+    """A copy of the repository whose bench_decode.py lost ``--dtype`` fails the dry run, naming it."""
+    for part in ("scripts", "tests/kernels"):
+        shutil.copytree(ROOT / part, tmp_path / part)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    script = tmp_path / "scripts" / "bench_decode.py"
+    script.write_text(script.read_text().replace('"--dtype"', '"--precision"'))
+    done = subprocess.run(["bash", str(tmp_path / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "MISSING: scripts/bench_decode.py has no option --dtype" in done.stdout
+    assert "scripts/bench_tailorkv.py has no option" not in done.stdout
+
+
+def test_gpu_check_refuses_unknown_arguments():
+    done = run("bash", "scripts/gpu_check.sh", "--bogus")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "unknown argument --bogus" in done.stderr
+
+
+def test_llama_weight_bytes_match_its_published_size():
+    """8,030,261,248 parameters (Llama-3.1-8B's safetensors); a step reads all but the embedding
+    table, of which it reads one row."""
+    module = bench_kernels()
+    assert module.weight_bytes(module.LLAMA_3_1_8B, 2) == 2 * (8_030_261_248 - 128_255 * 4096)
+
+
+def test_bench_kernels_on_cpu():
+    """The XLA paths only, a 256-token context, batch 2; the projection adds up as printed."""
+    done = run(sys.executable, "scripts/bench_kernels.py", "--contexts", "256", "--batch", "2", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "only the XLA paths are timed" in out and "interpreters, whose speed means nothing" in out
+    rows = re.findall(r"^ +256 +2  (.+?) +(\d+\.\d+) +(\d+\.\d+)$", out, re.M)
+    assert [name for name, _, _ in rows] == [
+        "dense attention, XLA", "quantized attention, XLA reference", "dense layer step, XLA",
+        "quantized layer step, xla", "sparse layer step, xla",
+    ]  # fmt: skip
+    assert float(rows[0][2]) == 1.0
+    formula = re.search(
+        r"1 x quantized step \+ 31 x sparse step \+ weights / bandwidth = 1 x ([\d.]+) \+ 31 x ([\d.]+) \+ "
+        r"([\d.]+) GB / ([\d.]+) GB/s = ([\d.]+) ms",
+        out,
+    )
+    assert formula, out
+    quant, sparse, gigabytes, bandwidth, total = map(float, formula.groups())
+    assert (quant, sparse) == (float(rows[3][1]), float(rows[4][1]))
+    assert abs(quant + 31 * sparse + gigabytes / bandwidth * 1e3 - total) <= 0.01 * total
+    assert "goals (stated at 32768 tokens): not measured in this run" in out
+
+
+def test_bench_kernels_checks_its_arguments():
+    done = run(sys.executable, "scripts/bench_kernels.py", "--contexts", "100")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "multiple of 64" in done.stderr
