@@ -82,14 +82,34 @@ class DenseKVCache:
         return False
 
     def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "DenseKVCache"]:
-        at = (0, 0, self.length, 0)
-        ks = jax.lax.dynamic_update_slice(self.k[layer], k.swapaxes(1, 2).astype(self.k[layer].dtype), at)
-        vs = jax.lax.dynamic_update_slice(self.v[layer], v.swapaxes(1, 2).astype(self.v[layer].dtype), at)
+        ks, vs = write_slots((self.k[layer], self.v[layer]), (k, v), self.length)
         out = attention(q, ks, vs, visible_mask(self.start, self.length, q.shape[1], self.size))
         return out, self.replace(k=_put(self.k, layer, ks), v=_put(self.v, layer, vs))
 
     def advance(self, num_tokens: int) -> "DenseKVCache":
         return self.replace(length=self.length + num_tokens)
+
+
+def write_slots(caches: tuple[jax.Array, ...], new: tuple[jax.Array, ...], at: jax.Array) -> tuple[jax.Array, ...]:
+    """Each cache [B, H, S, hd] with its ``new`` [B, T, H, hd] written at slots at..at+T-1 (in
+    place when the caches are donated or loop-carried).
+
+    On CPU the writes sit in a ``lax.cond`` on the block fitting (callers size their caches so
+    that it always does): XLA:CPU fuses a bare dynamic_update_slice into the bitcast that feeds
+    the attention matmul, which duplicates the update and makes it copy the whole cache, four
+    times per layer and step. A conditional is not fusible, so the update stays in place.
+    Other backends take the plain update.
+    """
+    new = tuple(n.swapaxes(1, 2).astype(c.dtype) for c, n in zip(caches, new))
+
+    def put(caches):
+        return tuple(jax.lax.dynamic_update_slice(c, n, (0, 0, at, 0)) for c, n in zip(caches, new))
+
+    def put_unfused(caches):
+        fits = at + new[0].shape[2] <= caches[0].shape[2]
+        return jax.lax.cond(fits, put, lambda caches: caches, caches)
+
+    return jax.lax.platform_dependent(caches, cpu=put_unfused, default=put)
 
 
 def _put(items: tuple, index: int, value) -> tuple:
