@@ -35,6 +35,20 @@ def prefix_mask(rng: np.random.Generator, batch: int, length: int) -> jnp.ndarra
     return jnp.asarray(np.arange(length)[None, None, :] < n[:, None, None])
 
 
+def quantized_strategies(scale_dtypes=SCALE_DTYPES) -> dict:
+    """``@given`` keywords for a quantized store + residual case (the Pallas and Triton tests
+    draw the same space; draw the groups with :func:`draw_groups`)."""
+    return dict(seed=SEEDS, batch=st.integers(1, 2), kv_heads=st.integers(1, 2), gqa=GQA, k_bits=BITS, v_bits=BITS,
+                key_groups=st.integers(1, 3), residual=st.integers(1, 20), scale_dtype=scale_dtypes, block=BLOCKS,
+                data=st.data())  # fmt: skip
+
+
+def draw_groups(data, k_bits: int) -> tuple[int, int]:
+    """(key group, value group): key groups of whole words up to 64 tokens, value groups 8-32."""
+    k_group = data.draw(st.sampled_from(group_choices(k_bits, 64)), label="k_group")
+    return k_group, data.draw(st.sampled_from([8, 16, 32]), label="v_group")
+
+
 def group_choices(bits: int, limit: int) -> list[int]:
     """Power-of-two key groups of whole ``bits``-bit words, up to ``limit``."""
     return [g for g in (8, 16, 32, 64) if g % codes_per_word(bits) == 0 and g <= limit]

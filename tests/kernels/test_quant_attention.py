@@ -11,18 +11,14 @@ import jax.numpy as jnp
 import pytest
 from conftest import rel_err
 from hypothesis import given
-from hypothesis import strategies as st
 from kernel_cases import (
-    BITS,
-    BLOCKS,
     FEW,
     GQA,
-    SCALE_DTYPES,
-    SEEDS,
     TOLERANCE,
-    group_choices,
+    draw_groups,
     quantize_case,
     quantized_case,
+    quantized_strategies,
 )
 
 from dami_jax.kernels.blocks import unsupported
@@ -39,24 +35,11 @@ def kernel_and_reference(case, quant, block):
 
 
 @FEW
-@given(
-    seed=SEEDS,
-    batch=st.integers(1, 2),
-    kv_heads=st.integers(1, 2),
-    gqa=GQA,
-    k_bits=BITS,
-    v_bits=BITS,
-    key_groups=st.integers(1, 3),
-    residual=st.integers(1, 20),
-    scale_dtype=SCALE_DTYPES,
-    block=BLOCKS,
-    data=st.data(),
-)
+@given(**quantized_strategies())
 def test_matches_reference(seed, batch, kv_heads, gqa, k_bits, v_bits, key_groups, residual, scale_dtype, block, data):
     """bits x groups x store lengths off the block grid (odd numbers of key groups) x residual
     lengths x GQA ratios x batch rows of different lengths (empty rows included)."""
-    k_group = data.draw(st.sampled_from(group_choices(k_bits, 64)), label="k_group")
-    v_group = data.draw(st.sampled_from([8, 16, 32]), label="v_group")
+    k_group, v_group = draw_groups(data, k_bits)
     case = quantized_case(seed, batch, kv_heads, gqa, 32, k_group * key_groups, residual)
     out, ref = kernel_and_reference(case, (k_bits, k_group, v_bits, v_group, scale_dtype), block=block)
     assert out.shape == case[0].shape and out.dtype == jnp.float32

@@ -15,15 +15,12 @@ from conftest import rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 from kernel_cases import (
-    BITS,
-    BLOCKS,
     FEW,
-    GQA,
-    SEEDS,
     TOLERANCE,
-    group_choices,
+    draw_groups,
     quantize_case,
     quantized_case,
+    quantized_strategies,
     torch_launch,
 )
 
@@ -37,26 +34,13 @@ interpreted = pytest.mark.skipif(
 
 @interpreted
 @FEW
-@given(
-    seed=SEEDS,
-    batch=st.integers(1, 2),
-    kv_heads=st.integers(1, 2),
-    gqa=GQA,
-    k_bits=BITS,
-    v_bits=BITS,
-    key_groups=st.integers(1, 3),
-    residual=st.integers(1, 20),
-    scale_dtype=st.sampled_from([jnp.float16, jnp.float32]),  # torch takes no numpy bfloat16
-    block=BLOCKS,
-    data=st.data(),
-)
+@given(**quantized_strategies(st.sampled_from([jnp.float16, jnp.float32])))  # torch takes no numpy bfloat16
 def test_interpreted_matches_reference(
     seed, batch, kv_heads, gqa, k_bits, v_bits, key_groups, residual, scale_dtype, block, data
 ):
     from dami_jax.kernels.triton_attention import quantized_attention
 
-    k_group = data.draw(st.sampled_from(group_choices(k_bits, 64)), label="k_group")
-    v_group = data.draw(st.sampled_from([8, 16, 32]), label="v_group")
+    k_group, v_group = draw_groups(data, k_bits)
     raw = quantized_case(seed, batch, kv_heads, gqa, 32, k_group * key_groups, residual)
     case = jax.jit(quantize_case, static_argnums=(1, 2, 3, 4, 5))(raw, k_bits, k_group, v_bits, v_group, scale_dtype)
     out = quantized_attention(*case, block=block, launch=torch_launch)
