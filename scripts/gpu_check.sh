@@ -35,7 +35,7 @@ GPU_TESTS=$(grep -rl --include='test_*.py' 'pytest.mark.gpu' tests | sort | tr '
 STEPS=(
     "pytest 150 -m pytest -m gpu -q -p no:cacheprovider $GPU_TESTS"
     "bench_kernels 210 scripts/bench_kernels.py"
-    "bench_tailorkv 90 scripts/bench_tailorkv.py --dtype bfloat16 --skip-quanto"
+    "bench_tailorkv 90 scripts/bench_tailorkv.py --dtype bfloat16 --skip-quanto --hf-dense"
     "bench_interpolate 30 scripts/bench_interpolate.py"
     "bench_decode 75 scripts/bench_decode.py --dtype bfloat16 --repeats 2"
 )
