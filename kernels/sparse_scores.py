@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from dami_jax.kernels.blocks import F32, next_power_of_2, token_block
 from dami_jax.kernels.pallas_blocks import COMPILER_PARAMS, load_rows, program_rows, store_rows
 
-MODES = ("group_mean", "head_max")  # as TailorKVConfig.token_score
+MODES = ("group_mean", "head_max")  # TailorKVConfig.token_score (dami_jax.tailorkv.cache.TOKEN_SCORES is this)
 
 
 def _scores_kernel(q_ref, channels_ref, keys_ref, out_ref, *, length: int):

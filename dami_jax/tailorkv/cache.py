@@ -54,7 +54,7 @@ from dami_jax.tailorkv.quant import (
 )
 from dami_jax.tailorkv.quant_attention import quantized_attention
 
-TOKEN_SCORES = ("group_mean", "head_max")
+TOKEN_SCORES = pallas_scores.MODES  # the kernel and the reference rank tokens the same ways
 KERNELS = ("auto", "xla", "pallas", "triton")
 
 
