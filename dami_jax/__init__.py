@@ -23,7 +23,8 @@ _PUBLIC = {
     "dami_jax.decoding.sampling": ("GREEDY", "Sampling"),
     "dami_jax.dami.interpolation": ("interpolate", "task_vector"),
     "dami_jax.dami.pair": ("ModelPair", "load_pair"),
-    "dami_jax.dami.serving": ("serve",),
+    "dami_jax.engine.engine": ("Engine",),
+    "dami_jax.engine.serve": ("serve",),
     "dami_jax.tailorkv.cache": ("TAILORKV_1", "TAILORKV_2", "TailorKVConfig"),
     "dami_jax.toy.pair": ("load_toy_pair",),
     "dami_jax.errors": ("InputError",),
@@ -47,10 +48,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from dami_jax.dami.interpolation import interpolate, task_vector  # noqa: F401
     from dami_jax.dami.pair import ModelPair, load_pair  # noqa: F401
-    from dami_jax.dami.serving import serve  # noqa: F401
     from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache  # noqa: F401
     from dami_jax.decoding.generation import Generation, generate, stream_text, stream_tokens  # noqa: F401
     from dami_jax.decoding.sampling import GREEDY, Sampling  # noqa: F401
+    from dami_jax.engine.engine import Engine  # noqa: F401
+    from dami_jax.engine.serve import serve  # noqa: F401
     from dami_jax.errors import InputError  # noqa: F401
     from dami_jax.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_hf_checkpoint  # noqa: F401
     from dami_jax.models.config import ConfigError, ModelConfig  # noqa: F401

@@ -35,7 +35,6 @@ TOKEN_SCORES = ("group_mean", "head_max")  # dami_jax.tailorkv.cache.TOKEN_SCORE
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("conf", "oracle")  # dami_jax.evals.route_eval.SPECIAL_ROUTERS
 MIXES = ("all", "uniform", "easy-heavy")  # "all" and dami_jax.evals.router_data.MIXES
-STRATEGIES = ("auto", "bucketed", "mixed")  # dami_jax.dami.serving.STRATEGIES
 
 
 class UsageError(InputError):
@@ -384,7 +383,7 @@ def _route_eval(args: argparse.Namespace) -> None:
     from dami_jax.evals.sweep import RECORDS_FILE
 
     conf_map = ConfMap(conf_weight=args.conf_weight, disc_weight=args.disc_weight, accept_below=args.accept_below, floor=args.floor)
-    evaluation = RouteEvalConfig(sweep=config, strategy=args.strategy, cost_weight=args.cost_weight, conf_map=conf_map,
+    evaluation = RouteEvalConfig(sweep=config, cost_weight=args.cost_weight, conf_map=conf_map,
                                  max_draft_tokens=args.max_draft_tokens)  # fmt: skip
     _claim_settings(out, args.fresh, config.settings())
     problems = _problems(args)
@@ -504,7 +503,7 @@ def _add_benchmark(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-per-level", type=positive_int, metavar="N", help="toy problems per difficulty level (default: 10)")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="first N problems of a named benchmark")
     parser.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=160, help="most tokens per answer")
-    parser.add_argument("--batch-size", type=positive_int, metavar="N", default=64, help="prompts generated together")
+    parser.add_argument("--batch-size", type=positive_int, metavar="N", default=64, help="engine slots: prompts generated together")
     parser.add_argument("--template", choices=TEMPLATES, default="thinking", help="whose chat template renders prompts")
     _add_sampling(parser, "PRNG seed (each answer's key comes from it, lambda and problem) and the toy problems' draw")
 
@@ -572,7 +571,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_benchmark(route)
     route.add_argument("--mix", choices=MIXES, default="all", help="toy: weight the difficulty levels (uniform 1:1:..., easy-heavy 4:2:1:1:1:1)")
     route.add_argument("--size", type=positive_int, metavar="N", default=300, help="problems in a --mix")
-    route.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how a batch of mixed lambdas is served")
     route.add_argument("--cost-weight", type=nonnegative_float, metavar="X", default=0.0, help="DAMI-Pref: trade accuracy for tokens")
     route.add_argument("--conf-weight", type=nonnegative_float, metavar="X", default=1.0, help="DAMI-Conf: weight of (1 - confidence)")
     route.add_argument("--disc-weight", type=nonnegative_float, metavar="X", default=1.0, help="DAMI-Conf: weight of the discrepancy")

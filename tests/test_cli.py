@@ -159,12 +159,12 @@ def test_sweep_resumes_refuses_other_settings_and_starts_fresh(capsys, tmp_path)
 
 def test_sweep_ctrl_c_keeps_what_was_done_and_rerun_resumes(capsys, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    real = sweep_module.answer
-    monkeypatch.setattr(sweep_module, "answer", interrupted_on_call(real, 2))
+    real = sweep_module.answer_on_engine
+    monkeypatch.setattr(sweep_module, "answer_on_engine", interrupted_on_call(real, 2))  # as lambda 1 starts
     code, _, err = run(capsys, *SMALL_SWEEP, "--batch-size", "4", "--out", str(out))
     assert code == 130 and "Traceback" not in err
-    assert f"dami-jax: interrupted; 4 answers are saved in {out / 'records.jsonl'}; rerun the same command to resume" in err
-    monkeypatch.setattr(sweep_module, "answer", real)
+    assert f"dami-jax: interrupted; 6 answers are saved in {out / 'records.jsonl'}; rerun the same command to resume" in err
+    monkeypatch.setattr(sweep_module, "answer_on_engine", real)
     code, resumed, _ = run(capsys, *SMALL_SWEEP, "--batch-size", "4", "--out", str(out))
     code_whole, whole, _ = run(capsys, *SMALL_SWEEP, "--out", str(tmp_path / "whole"))
     assert code == code_whole == 0
@@ -384,12 +384,12 @@ def test_route_eval_ctrl_c_keeps_answers_and_rerun_resumes(capsys, router_runs, 
 
     out = tmp_path / "eval"
     argv = [*ROUTE_EVAL, "--router", "conf", "--batch-size", "4", "--out", str(out)]
-    real = route_eval_module.serve
-    monkeypatch.setattr(route_eval_module, "serve", interrupted_on_call(real, 1))
+    real = route_eval_module.answer_on_engine
+    monkeypatch.setattr(route_eval_module, "answer_on_engine", interrupted_on_call(real, 1))
     code, _, err = run(capsys, *argv)
     assert code == 130 and "Traceback" not in err and "rerun the same command to resume" in err
     assert "conf-signals.jsonl" in err and "records.jsonl" in err
-    monkeypatch.setattr(route_eval_module, "serve", real)
+    monkeypatch.setattr(route_eval_module, "answer_on_engine", real)
     assert run(capsys, *argv)[0] == run(capsys, *argv[:-1], str(tmp_path / "whole"))[0] == 0
 
     def summary(folder):  # wall times differ from run to run; everything else must not
@@ -403,7 +403,7 @@ def test_route_eval_ctrl_c_keeps_answers_and_rerun_resumes(capsys, router_runs, 
     [
         (["--router", "nowhere"], ["--router nowhere", "not a router folder"]),
         (["--router", "conf", "--mix", "uniform", "--benchmark", "gsm8k-offline"], ["--mix uniform", "gsm8k-offline"]),
-        (["--router", "conf", "--strategy", "fastest"], ["--strategy", "invalid choice"]),
+        (["--router", "conf", "--batch-size", "0"], ["--batch-size"]),
         (["--router", "conf", "--floor", "2"], ["--floor"]),
         (["--router", "conf", "--lambdas", "0,2"], ["--lambdas", "outside [0, 1]"]),
         (["--router", "conf", "--limit", "3"], ["--limit", "--n-per-level"]),

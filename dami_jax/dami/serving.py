@@ -1,4 +1,6 @@
-"""Serve a batch of prompts, each on its own interpolated model theta(lambda_i).
+"""Static serving: one batch of prompts, each on its own theta(lambda_i), decoded together until
+its longest row ends. ``dj.serve`` (:mod:`dami_jax.engine.serve`) batches continuously instead;
+this is its baseline in ``scripts/bench_serving.py``.
 
 Two strategies give the same tokens (up to float rounding at intermediate lambdas):
 - ``bucketed``: one batched :func:`generate` per distinct lambda, on a theta(lambda) interpolated
@@ -32,6 +34,7 @@ from dami_jax.dami.pair import ModelPair
 from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig, DenseKVCache
 from dami_jax.decoding.generation import Generation, decode_step, generate, prepare_prompts
 from dami_jax.decoding.sampling import GREEDY, Sampling
+from dami_jax.errors import InputError
 from dami_jax.models.rowmix import mix_rows
 
 STRATEGIES = ("auto", "bucketed", "mixed")
@@ -143,7 +146,7 @@ def choose_strategy(work: Workload, cost_model: CostModel) -> str:
     return "mixed" if predicted["mixed"] < predicted["bucketed"] else "bucketed"
 
 
-def serve(
+def serve_static(
     pair: ModelPair,
     prompts: Sequence[Sequence[int]],
     lambdas: Sequence[float],
@@ -168,11 +171,11 @@ def serve(
     lambdas outside [0, 1].
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: must be one of {STRATEGIES}, got {strategy!r}")
-    lam = _check_lambdas(lambdas, len(prompts), extrapolate)
+        raise InputError(f"strategy: must be one of {STRATEGIES}, got {strategy!r}")
+    lam = check_lambdas(lambdas, len(prompts), extrapolate)
     prepare_prompts(prompts, pair.cfg, max_new_tokens)  # fail before any work
-    keys = _row_keys(key, sampling, len(prompts))
-    stop_rows = _stop_rows(stop_tokens, len(prompts))
+    keys = row_keys(key, sampling, len(prompts))
+    per_row_stops = stop_rows(stop_tokens, len(prompts))
     if strategy == "auto":
         strategy = choose_strategy(Workload.of(lam, max_new_tokens), cost_model or CostModel.measure(pair))
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, cache=cache)
@@ -191,7 +194,7 @@ def serve(
         padded = rows + rows[:1] * (group_rows(len(rows)) - len(rows))  # repeats of a row add no steps
         out = generate(
             params, pair.cfg, [prompts[i] for i in padded], key=None if keys is None else keys[np.asarray(padded)],
-            stop_tokens=stop_tokens if stop_rows is None else [stop_rows[i] for i in padded], **options,
+            stop_tokens=stop_tokens if per_row_stops is None else [per_row_stops[i] for i in padded], **options,
         )  # fmt: skip
         parts.append(jax.tree.map(lambda x: x[: len(rows)], out))
         order += rows
@@ -199,38 +202,38 @@ def serve(
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[inverse], *parts)
 
 
-def _check_lambdas(lambdas: Sequence[float], batch: int, extrapolate: bool) -> np.ndarray:
+def check_lambdas(lambdas: Sequence[float], batch: int, extrapolate: bool) -> np.ndarray:
     """-> float32 [B], checked: one finite lambda per prompt, in [0, 1] unless ``extrapolate``."""
     lam = np.asarray(lambdas, np.float32)
     if lam.shape != (batch,):
-        raise ValueError(f"lambdas: need one lambda per prompt ({batch}), got shape {lam.shape}")
+        raise InputError(f"lambdas: need one lambda per prompt ({batch}), got shape {lam.shape}")
     if not np.isfinite(lam).all():
-        raise ValueError(f"lambdas: row {int(np.flatnonzero(~np.isfinite(lam))[0])} is not finite")
+        raise InputError(f"lambdas: row {int(np.flatnonzero(~np.isfinite(lam))[0])} is not finite")
     outside = np.flatnonzero((lam < 0) | (lam > 1))
     if not extrapolate and outside.size:
         row = outside[0]
-        raise ValueError(f"lambdas: row {row} is {lam[row]}, outside [0, 1]; pass extrapolate=True to go beyond")
+        raise InputError(f"lambdas: row {row} is {lam[row]}, outside [0, 1]; pass extrapolate=True to go beyond")
     return lam
 
 
-def _row_keys(key: jax.Array | None, sampling: Sampling, batch: int) -> jax.Array | None:
+def row_keys(key: jax.Array | None, sampling: Sampling, batch: int) -> jax.Array | None:
     """One PRNG key per prompt [B] (split from a single key), or None when greedy without a key."""
     if key is None:
         if not sampling.greedy:
-            raise ValueError("key: sampling with temperature > 0 needs an explicit PRNG key (jax.random.key(seed))")
+            raise InputError("key: sampling with temperature > 0 needs an explicit PRNG key (jax.random.key(seed))")
         return None
     if key.ndim == 0:
         return jax.random.split(key, batch)
     if key.shape != (batch,):
-        raise ValueError(f"key: need one PRNG key or one per prompt ({batch}), got shape {key.shape}")
+        raise InputError(f"key: need one PRNG key or one per prompt ({batch}), got shape {key.shape}")
     return key
 
 
-def _stop_rows(stop_tokens: Any, batch: int) -> list[Sequence[int]] | None:
+def stop_rows(stop_tokens: Any, batch: int) -> list[Sequence[int]] | None:
     """Per-prompt stop lists, or None when ``stop_tokens`` is shared (or the default)."""
     rows = None if stop_tokens is None else list(stop_tokens)
     if not rows or not isinstance(rows[0], (list, tuple, np.ndarray)):
         return None
     if len(rows) != batch:
-        raise ValueError(f"stop_tokens: got {len(rows)} rows for a batch of {batch}")
+        raise InputError(f"stop_tokens: got {len(rows)} rows for a batch of {batch}")
     return rows

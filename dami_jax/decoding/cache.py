@@ -84,7 +84,7 @@ class DenseKVCache:
     def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "DenseKVCache"]:
         ks, vs = write_slots((self.k[layer], self.v[layer]), (k, v), self.length)
         out = attention(q, ks, vs, visible_mask(self.start, self.length, q.shape[1], self.size))
-        return out, self.replace(k=_put(self.k, layer, ks), v=_put(self.v, layer, vs))
+        return out, self.replace(k=replace_layer(self.k, layer, ks), v=replace_layer(self.v, layer, vs))
 
     def advance(self, num_tokens: int) -> "DenseKVCache":
         return self.replace(length=self.length + num_tokens)
@@ -92,7 +92,8 @@ class DenseKVCache:
 
 def write_slots(caches: tuple[jax.Array, ...], new: tuple[jax.Array, ...], at: jax.Array) -> tuple[jax.Array, ...]:
     """Each cache [B, H, S, hd] with its ``new`` [B, T, H, hd] written at slots at..at+T-1 (in
-    place when the caches are donated or loop-carried).
+    place when the caches are donated or loop-carried). ``at``: int32 [] for the whole batch, or
+    int32 [B], one first slot per row (the engine's slots, each at its own length).
 
     On CPU the writes sit in a ``lax.cond`` on the block fitting (callers size their caches so
     that it always does): XLA:CPU fuses a bare dynamic_update_slice into the bitcast that feeds
@@ -102,15 +103,21 @@ def write_slots(caches: tuple[jax.Array, ...], new: tuple[jax.Array, ...], at: j
     """
     new = tuple(n.swapaxes(1, 2).astype(c.dtype) for c, n in zip(caches, new))
 
+    def put_one(cache, piece):
+        if jnp.ndim(at) == 0:
+            return jax.lax.dynamic_update_slice(cache, piece, (0, 0, at, 0))
+        return jax.vmap(lambda row, rows_piece, row_at: jax.lax.dynamic_update_slice(row, rows_piece, (0, row_at, 0)))(cache, piece, at)
+
     def put(caches):
-        return tuple(jax.lax.dynamic_update_slice(c, n, (0, 0, at, 0)) for c, n in zip(caches, new))
+        return tuple(put_one(c, n) for c, n in zip(caches, new))
 
     def put_unfused(caches):
-        fits = at + new[0].shape[2] <= caches[0].shape[2]
+        fits = jnp.all(at + new[0].shape[2] <= caches[0].shape[2])
         return jax.lax.cond(fits, put, lambda caches: caches, caches)
 
     return jax.lax.platform_dependent(caches, cpu=put_unfused, default=put)
 
 
-def _put(items: tuple, index: int, value) -> tuple:
+def replace_layer(items: tuple, index: int, value) -> tuple:
+    """``items`` (one entry per layer) with entry ``index`` replaced: caches are immutable."""
     return items[:index] + (value,) + items[index + 1 :]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+import time
+from typing import Any, Iterator, Sequence
 
 import jax
-import numpy as np
 
-from dami_jax.decoding.generation import Generation, generate
+from dami_jax.decoding.generation import generate
 from dami_jax.decoding.sampling import GREEDY, Sampling
+from dami_jax.engine.engine import Engine
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.grading import extract_answer, grade
 from dami_jax.evals.prompts import Style, prompt_tokens, think_status, thought
@@ -43,15 +44,46 @@ def answer(
     """
     prompts = [prompt_tokens(tokenizer, p, style) for p in problems]
     out = generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=keys)
-    return grade_generation(cfg, tokenizer, problems, prompts, out)
+    return grade_rows(cfg, tokenizer, problems, prompts, out.token_lists())
 
 
-def grade_generation(cfg: ModelConfig, tokenizer, problems: Sequence[Problem], prompts: Sequence[Sequence[int]], out: Generation) -> list[dict[str, Any]]:
-    """One graded record per row of ``out`` (generated after ``prompts``, which answer ``problems``).
+def answer_on_engine(
+    engine: Engine,
+    tokenizer,
+    problems: Sequence[Problem],
+    prompts: Sequence[Sequence[int]],
+    lambdas: Sequence[float],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    keys: jax.Array | None = None,
+) -> Iterator[list[dict[str, Any]]]:
+    """Queue every problem (its rendered prompt, at its lambda) on ``engine`` and yield graded
+    records as they finish, batch by batch. ``tokenizer`` decodes the answers. Each record's
+    ``wall_s`` is its share of the wall time since the previous batch finished, so that they add
+    up to the whole run's."""
+    queued = {}
+    for i, (problem, prompt, lam) in enumerate(zip(problems, prompts, lambdas)):
+        request = engine.submit(prompt, lam=lam, max_new_tokens=max_new_tokens, sampling=sampling,
+                                key=None if keys is None else keys[i])  # fmt: skip
+        queued[request] = (problem, prompt)
+    last = time.perf_counter()
+    for results in engine.result_batches():
+        now = time.perf_counter()
+        share, last = (now - last) / len(results), now
+        done = [queued.pop(r.id) for r in results]
+        records = grade_rows(engine.cfg, tokenizer, [d[0] for d in done], [d[1] for d in done], [r.tokens for r in results])
+        yield [{**record, "wall_s": share} for record in records]
+
+
+def grade_rows(cfg: ModelConfig, tokenizer, problems: Sequence[Problem], prompts: Sequence[Sequence[int]],
+               rows: Sequence[Sequence[int]]) -> list[dict[str, Any]]:  # fmt: skip
+    """One graded record per generated row (token ids after ``prompts``, which answer ``problems``).
     Rows may come from different models or templates: each row's prompt says whether its template
     opened the think block."""
     records = []
-    for problem, prompt, row, n in zip(problems, prompts, out.token_lists(), np.asarray(out.lengths)):
+    for problem, prompt, row in zip(problems, prompts, rows):
+        row, n = list(row), len(row)
         stopped = n > 0 and row[-1] in cfg.eos_token_ids
         response = tokenizer.decode(row, skip_special_tokens=True)
         opened, closed = think_status(tokenizer.decode(prompt[-8:]), response)

@@ -6,8 +6,9 @@ Everything goes into one results folder and resumes like a sweep:
   :func:`dami_jax.evals.sweep.run_sweep`): the baselines (Instruct = lambda 0, Thinking = lambda 1,
   every fixed lambda) and the oracle (:func:`dami_jax.dami.oracle.oracle_choice`) come from it.
 - ``conf-signals.jsonl``: DAMI-Conf's drafts, graded, with their confidence and discrepancy.
-- ``routed.jsonl``: each router's answers, served at its lambdas by
-  :func:`dami_jax.dami.serving.serve` (its tokens are the cost; DAMI-Conf's draft tokens count too).
+- ``routed.jsonl``: each router's answers, served at its lambdas on the engine
+  (:class:`dami_jax.engine.engine.Engine`, continuous batching with a lambda per slot; its tokens
+  are the cost; DAMI-Conf's draft tokens count too).
 - ``summary.json`` (one entry per method), ``frontier.png`` (routers as points on the fixed-lambda
   frontier), and for DAMI-Conf ``sensitivity.json`` / ``sensitivity.png``: its hyperparameter grid,
   each setting scored by looking its lambdas up in the sweep (exact for greedy decoding, which the
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,10 +32,8 @@ from dami_jax.dami.conf_router import ConfMap, draft_signals
 from dami_jax.dami.oracle import oracle_choice
 from dami_jax.dami.pair import ModelPair
 from dami_jax.dami.pref_router import META_FILE, PrefRouter, load_pref_router
-from dami_jax.dami.serving import serve
-from dami_jax.decoding.generation import Generation
 from dami_jax.errors import InputError
-from dami_jax.evals.answering import grade_generation
+from dami_jax.evals.answering import answer_on_engine, grade_rows
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.frontier import sweep_points
 from dami_jax.evals.grid import run_grid
@@ -44,7 +42,7 @@ from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.records import ResultsFolder
 from dami_jax.evals.router_data import rollouts
 from dami_jax.evals.router_training import PROMPT_TEMPLATE, router_features
-from dami_jax.evals.sweep import SweepConfig, pair_settings, record_keys, run_sweep
+from dami_jax.evals.sweep import SweepConfig, pair_settings, record_keys, run_sweep, sweep_engine
 from dami_jax.files import write_atomic
 
 SWEEP_DIR = "sweep"
@@ -62,7 +60,6 @@ SENSITIVITY_GRID = {
 @dataclasses.dataclass(frozen=True)
 class RouteEvalConfig:
     sweep: SweepConfig = SweepConfig()  # the grid, budget, template and sampling every answer uses
-    strategy: str = "auto"  # serving strategy (dami_jax.dami.serving.serve)
     cost_weight: float = 0.0  # DAMI-Pref's accuracy/tokens knob
     conf_map: ConfMap = ConfMap()
     max_draft_tokens: int = 32  # DAMI-Conf's draft budget
@@ -120,18 +117,18 @@ class _Evaluation:
         chosen = [self.sweep[(oracle_choice(rollouts(self.sweep, self.grid, p.id)).lam, p.id)] for p in self.problems]
         return summarize("oracle", chosen)
 
-    def serve_batch(self, problems: Sequence[Problem], lambdas: Sequence[float]) -> tuple[list[dict[str, Any]], float]:
-        """Answer ``problems`` at per-problem ``lambdas`` in one :func:`serve` call: (graded records, seconds)."""
+    def serve(self, problems: Sequence[Problem], lambdas: Sequence[float]) -> Iterator[list[dict[str, Any]]]:
+        """Answer ``problems`` at per-problem ``lambdas`` on the engine (each prompt in the template
+        its lambda takes); yields graded records with their ``lambda`` as they finish."""
         sweep = self.config.sweep
         prompts = [prompt_tokens(self.pair.tokenizers[sweep.template_for(lam)], p, sweep.style) for p, lam in zip(problems, lambdas)]
         keys = None if sweep.sampling.greedy else jnp.concatenate([record_keys(sweep.seed, lam, [p.id]) for p, lam in zip(problems, lambdas)])
-        started = time.perf_counter()
-        out: Generation = serve(self.pair, prompts, lambdas, strategy=self.config.strategy, max_new_tokens=sweep.max_new_tokens,
-                                sampling=sweep.sampling, key=keys, extrapolate=sweep.extrapolate)  # fmt: skip
-        jax.block_until_ready(out)
-        seconds = time.perf_counter() - started
-        records = grade_generation(self.pair.cfg, self.pair.tokenizers["thinking"], problems, prompts, out)
-        return [{**r, "lambda": float(lam)} for r, lam in zip(records, lambdas)], seconds
+        engine = sweep_engine(self.pair, prompts, sweep)
+        lambda_of = {p.id: float(lam) for p, lam in zip(problems, lambdas)}
+        answers = answer_on_engine(engine, self.pair.tokenizers["thinking"], problems, prompts, lambdas,
+                                   max_new_tokens=sweep.max_new_tokens, sampling=sweep.sampling, keys=keys)  # fmt: skip
+        for records in answers:
+            yield [{**r, "lambda": lambda_of[r["id"]]} for r in records]
 
     def run_router(self, method: str, lambdas: dict[str, float], drafts: dict[str, dict[str, Any]] | None = None) -> MethodResult:
         """Serve every problem at ``lambdas[id]`` into ``routed.jsonl`` (resumable). ``drafts``
@@ -139,22 +136,21 @@ class _Evaluation:
         answered again still pays for its draft's tokens and time."""
         drafts = drafts or {}
 
-        def cost(record: dict[str, Any], seconds: float) -> dict[str, Any]:
+        def cost(record: dict[str, Any]) -> dict[str, Any]:
             draft = drafts.get(record["id"])
             if draft is None:
-                return {**record, "wall_s": seconds}
+                return record
             return {**record, "served_tokens": record["output_tokens"], "draft_tokens": draft["draft_tokens"],
-                    "output_tokens": record["output_tokens"] + draft["draft_tokens"], "wall_s": seconds + draft["wall_s"]}  # fmt: skip
+                    "output_tokens": record["output_tokens"] + draft["draft_tokens"], "wall_s": record["wall_s"] + draft["wall_s"]}  # fmt: skip
 
         def work(_, pending: list[str]) -> Iterator[list[dict[str, Any]]]:
             accepted = [{**drafts[i], "method": method, "accepted": True} for i in pending if drafts.get(i, {}).get("accepted")]
             if accepted:
                 yield accepted
             rest = [i for i in pending if not drafts.get(i, {}).get("accepted")]
-            for lo in range(0, len(rest), self.config.sweep.batch_size):
-                ids = rest[lo : lo + self.config.sweep.batch_size]
-                records, seconds = self.serve_batch([self.by_id[i] for i in ids], [lambdas[i] for i in ids])
-                yield [{"method": method, **cost(r, seconds / len(ids))} for r in records]
+            if rest:
+                for records in self.serve([self.by_id[i] for i in rest], [lambdas[i] for i in rest]):
+                    yield [{"method": method, **cost(r)} for r in records]
 
         records = run_grid(self.routed, [method], [p.id for p in self.problems], _key, work,
                            desc=method, unit="answer", progress=self.progress)  # fmt: skip
@@ -181,8 +177,7 @@ class _Evaluation:
                 started = time.perf_counter()
                 signals = draft_signals(self.pair, prompts, max_draft_tokens=self.config.max_draft_tokens, batch_size=len(prompts))
                 seconds = (time.perf_counter() - started) / len(problems)
-                drafts = Generation(*_as_generation(signals.drafts, self.config.max_draft_tokens, self.pair.cfg.pad_token_id))
-                graded = grade_generation(self.pair.cfg, tokenizer, problems, prompts, drafts)
+                graded = grade_rows(self.pair.cfg, tokenizer, problems, prompts, signals.drafts)
                 yield [{"method": "draft", **r, "lambda": 0.0, "draft_tokens": r["output_tokens"], "wall_s": seconds,
                         "confidence": float(c), "discrepancy": float(d)}
                        for r, c, d in zip(graded, signals.confidence, signals.discrepancy)]  # fmt: skip
@@ -217,15 +212,6 @@ class _Evaluation:
             rows.append({**dataclasses.asdict(mapping), "accuracy": float(np.mean(correct)), "mean_tokens": float(np.mean(tokens)),
                          "accept_rate": float(np.mean(accept)), "mean_lambda": float(np.mean(lambdas))})  # fmt: skip
         return rows
-
-
-def _as_generation(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Token lists -> (tokens, lengths, logprobs) arrays of a :class:`Generation` (log-probs unused: zeros)."""
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = row
-    lengths = np.asarray([len(r) for r in rows], np.int32)
-    return jnp.asarray(tokens), jnp.asarray(lengths), jnp.zeros(tokens.shape, jnp.float32)
 
 
 def _router_digest(router_dir: Path) -> str:

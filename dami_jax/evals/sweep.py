@@ -10,20 +10,21 @@ template, prompt style, sampling, seed, token budget, dtype): other settings are
 from __future__ import annotations
 
 import dataclasses
-import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from dami_jax.dami.interpolation import interpolate
 from dami_jax.dami.pair import ModelPair
+from dami_jax.decoding.generation import PROMPT_BUCKET
 from dami_jax.decoding.sampling import GREEDY, Sampling
-from dami_jax.evals.answering import answer, problem_hash
+from dami_jax.engine.engine import Engine
+from dami_jax.evals.answering import answer_on_engine, problem_hash
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.grid import run_grid
+from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.records import ResultsFolder, StaleResultsError
 
 DEFAULT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -87,6 +88,14 @@ def record_keys(seed: int, lam: float, problem_ids: Sequence[str]) -> jax.Array:
     return jax.vmap(lambda d: jax.random.fold_in(jax.random.key(seed), d))(data)
 
 
+def sweep_engine(pair: ModelPair, prompts: Iterable[Sequence[int]], config: SweepConfig) -> Engine:
+    """The engine a sweep (or route-eval) answers on: ``config.batch_size`` slots, rows just long
+    enough for the longest of ``prompts`` and the token budget."""
+    longest = max((len(p) for p in prompts), default=1)
+    max_len = min(pair.cfg.max_position_embeddings, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET + config.max_new_tokens)
+    return Engine(pair, slots=config.batch_size, max_len=max_len, extrapolate=config.extrapolate)
+
+
 def _key(record: dict[str, Any]) -> tuple[float, str]:
     return round(float(record["lambda"]), 6), str(record["id"])
 
@@ -116,22 +125,19 @@ def run_sweep(
         first = min(changed)
         more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
         raise StaleResultsError(folder.path, {f"problem {first}{more}": (changed[first], hashes[first])})
-    theta = None
+    lambdas = list(dict.fromkeys(round(float(lam), 6) for lam in config.lambdas))
+    templates = sorted({config.template_for(lam) for lam in lambdas})
+    prompts = {(t, p.id): prompt_tokens(pair.tokenizers[t], p, config.style) for t in templates for p in problems}
+    engine = sweep_engine(pair, prompts.values(), config)
 
     def work(lam: float, pending: list[str]) -> Iterator[list[dict[str, Any]]]:
-        nonlocal theta
-        # Reuse the previous theta's buffers: a lambda switch allocates no third model.
-        theta = interpolate(pair.instruct, pair.thinking, lam, out=theta, extrapolate=config.extrapolate)
         template = config.template_for(lam)
-        for start in range(0, len(pending), config.batch_size):
-            batch = [by_id[i] for i in pending[start : start + config.batch_size]]
-            keys = None if config.sampling.greedy else record_keys(config.seed, lam, [p.id for p in batch])
-            started = time.perf_counter()
-            records = answer(theta, pair.cfg, pair.tokenizers[template], batch, style=config.style,
-                             max_new_tokens=config.max_new_tokens, sampling=config.sampling, keys=keys)  # fmt: skip
-            share = (time.perf_counter() - started) / len(batch)  # each answer's share of its batch's wall time
-            yield [{"lambda": lam, "template": template, "wall_s": share, **r} for r in records]
+        keys = None if config.sampling.greedy else record_keys(config.seed, lam, pending)
+        answers = answer_on_engine(engine, pair.tokenizers[template], [by_id[i] for i in pending],
+                                   [prompts[template, i] for i in pending], [lam] * len(pending),
+                                   max_new_tokens=config.max_new_tokens, sampling=config.sampling, keys=keys)  # fmt: skip
+        for records in answers:
+            yield [{"lambda": lam, "template": template, **r} for r in records]
 
-    lambdas = list(dict.fromkeys(round(float(lam), 6) for lam in config.lambdas))
     return run_grid(log, lambdas, ids, _key, work, desc="sweep", unit="answer",
                     describe=lambda lam: f"lambda={lam:g}", progress=progress)  # fmt: skip

@@ -1,5 +1,6 @@
-"""dj.serve: bucketed and mixed strategies against per-prompt generation on theta(lambda_i),
-RowMix endpoints, TailorKV caches, per-prompt keys, the cost model's choice, and bad inputs."""
+"""Static serving (serve_static, the engine's baseline): bucketed and mixed strategies against
+per-prompt generation on theta(lambda_i), RowMix endpoints, TailorKV caches, per-prompt keys, the
+cost model's choice, and bad inputs."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
-from dami_jax.dami.serving import CostModel, Workload, choose_strategy, group_rows
+from dami_jax.dami.serving import CostModel, Workload, choose_strategy, group_rows, serve_static
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.models.rowmix import RowMix, mix_rows
 from dami_jax.toy.evaluation import toy_problems
@@ -39,8 +40,8 @@ def alone(pair, prompt, lam, **options):
 
 
 def test_mixed_and_bucketed_equal_per_prompt_generation(pair, prompts):
-    mixed = dj.serve(pair, prompts, LAMBDAS, strategy="mixed", max_new_tokens=NEW)
-    bucketed = dj.serve(pair, prompts, LAMBDAS, strategy="bucketed", max_new_tokens=NEW, progress=True)
+    mixed = serve_static(pair, prompts, LAMBDAS, strategy="mixed", max_new_tokens=NEW)
+    bucketed = serve_static(pair, prompts, LAMBDAS, strategy="bucketed", max_new_tokens=NEW, progress=True)
     expected = [alone(pair, p, lam, max_new_tokens=NEW) for p, lam in zip(prompts, LAMBDAS)]
     assert mixed.tokens.shape == bucketed.tokens.shape == bucketed.logprobs.shape == (len(prompts), NEW)
     assert mixed.token_lists() == bucketed.token_lists() == [e.token_lists()[0] for e in expected]
@@ -51,7 +52,7 @@ def test_mixed_and_bucketed_equal_per_prompt_generation(pair, prompts):
     assert len(set(np.asarray(bucketed.lengths).tolist())) > 2  # and rows stopped at different steps
     # auto follows its cost model: fixed cost per step dominates, six groups -> mixed
     fixed_heavy = CostModel(single_fixed=1.0, single_per_row=0.0, mixed_fixed=1.5, mixed_per_row=0.0, interpolation=0.0)
-    auto = dj.serve(pair, prompts, LAMBDAS, max_new_tokens=NEW, cost_model=fixed_heavy)
+    auto = serve_static(pair, prompts, LAMBDAS, max_new_tokens=NEW, cost_model=fixed_heavy)
     np.testing.assert_array_equal(auto.logprobs, mixed.logprobs)
 
 
@@ -89,26 +90,26 @@ def test_tailorkv_cache_with_both_strategies(pair, prompts):
     rows, lambdas = prompts[4:7], [0.0, 0.5, 1.0]
     options = dict(max_new_tokens=64, cache=TAILORKV)
     expected = [alone(pair, p, lam, **options).token_lists()[0] for p, lam in zip(rows, lambdas)]
-    assert dj.serve(pair, rows, lambdas, strategy="bucketed", **options).token_lists() == expected
-    assert dj.serve(pair, rows, lambdas, strategy="mixed", **options).token_lists() == expected
+    assert serve_static(pair, rows, lambdas, strategy="bucketed", **options).token_lists() == expected
+    assert serve_static(pair, rows, lambdas, strategy="mixed", **options).token_lists() == expected
 
 
 def test_sampled_rows_follow_their_own_keys(pair, prompts):
     rows, lambdas = prompts[:4], [0.5, 1.0, 0.5, 0.0]
     keys = jax.random.split(jax.random.key(11), len(rows))
     options = dict(max_new_tokens=24, sampling=dj.Sampling(temperature=1.0, top_k=20), stop_tokens=[])
-    bucketed = dj.serve(pair, rows, lambdas, strategy="bucketed", key=keys, **options)
+    bucketed = serve_static(pair, rows, lambdas, strategy="bucketed", key=keys, **options)
     for i, (prompt, lam) in enumerate(zip(rows, lambdas)):
         assert alone(pair, prompt, lam, key=keys[i : i + 1], **options).token_lists()[0] == bucketed.token_lists()[i]
-    one_key = dj.serve(pair, rows, lambdas, strategy="bucketed", key=jax.random.key(11), **options)  # split per prompt
+    one_key = serve_static(pair, rows, lambdas, strategy="bucketed", key=jax.random.key(11), **options)  # split per prompt
     assert one_key.token_lists() == bucketed.token_lists()
 
 
 def test_per_prompt_stop_tokens_follow_their_rows(pair, prompts):
     rows, lambdas = prompts[:3], [1.0, 0.0, 1.0]
-    full = dj.serve(pair, rows, lambdas, strategy="bucketed", max_new_tokens=NEW).token_lists()
+    full = serve_static(pair, rows, lambdas, strategy="bucketed", max_new_tokens=NEW).token_lists()
     stops = [[row[2]] for row in full]  # each row stops on its own third token (or earlier)
-    out = dj.serve(pair, rows, lambdas, strategy="bucketed", max_new_tokens=NEW, stop_tokens=stops)
+    out = serve_static(pair, rows, lambdas, strategy="bucketed", max_new_tokens=NEW, stop_tokens=stops)
     assert out.token_lists() == [row[: row.index(stop[0]) + 1] for row, stop in zip(full, stops)]
 
 
@@ -172,13 +173,13 @@ def test_measured_cost_model_is_positive_and_cached(pair):
 )
 def test_bad_inputs_name_the_argument(pair, prompts, lambdas, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        dj.serve(pair, prompts[:2], lambdas, **kwargs)
+        serve_static(pair, prompts[:2], lambdas, **kwargs)
 
 
 def test_empty_prompt_list_and_extrapolation(pair, prompts):
     with pytest.raises(ValueError, match="prompts"):
-        dj.serve(pair, [], [], strategy="bucketed")
-    out = dj.serve(pair, prompts[:1], [1.2], strategy="bucketed", max_new_tokens=NEW, extrapolate=True)
+        serve_static(pair, [], [], strategy="bucketed")
+    out = serve_static(pair, prompts[:1], [1.2], strategy="bucketed", max_new_tokens=NEW, extrapolate=True)
     theta = dj.interpolate(pair.instruct, pair.thinking, 1.2, extrapolate=True)
     expected = dj.generate(theta, pair.cfg, prompts[:1], max_new_tokens=NEW)
     assert out.token_lists() == expected.token_lists()

@@ -82,7 +82,7 @@ def test_the_pipeline_runs_on_a_real_pair_layout(capsys, pair_paths, swept, tmp_
     assert cli.main(["train-router", "--records", str(swept), *pair, "--epochs", "3", "--out", str(router)]) == 0
     out = tmp_path / "eval"
     argv = ["route-eval", *SWEEP[1:], *pair, "--router", str(router), "--router", "conf", "--max-draft-tokens", "4",
-            "--strategy", "mixed", "--out", str(out)]  # fmt: skip
+            "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     methods = [entry["method"] for entry in json.loads((out / "summary.json").read_text())]
     assert methods == ["instruct", "fixed-0.5", "thinking", "oracle", "dami-pref", "dami-conf"]

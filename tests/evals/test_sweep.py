@@ -31,22 +31,22 @@ def _by_key(records):
 
 
 def test_interrupted_sweep_resumes_without_redoing_work(tiny_pair, tmp_path, monkeypatch):
-    problems = toy_problems(n_per_level=1)  # 6 problems: two batches per lambda
+    problems = toy_problems(n_per_level=1)  # 6 problems through 4 slots, at each of 3 lambdas
     reference = run_sweep(tiny_pair, problems, tmp_path / "reference", CONFIG)
     assert len(reference) == 18
 
-    real = sweep_module.answer
+    real = sweep_module.answer_on_engine
     out = tmp_path / "resumed"
-    monkeypatch.setattr(sweep_module, "answer", interrupted_on_call(real, 3))
+    monkeypatch.setattr(sweep_module, "answer_on_engine", interrupted_on_call(real, 2))  # Ctrl-C as lambda 0.5 starts
     with pytest.raises(KeyboardInterrupt):
         run_sweep(tiny_pair, problems, out, CONFIG)
     log = out / RECORDS_FILE
     with open(log, "a") as f:
         f.write('{"lambda": 0.5, "id": "half-writ')  # a record cut off by the crash
-    assert len(JsonlLog(log).records) == 6  # two batches done; the torn last line is dropped
+    assert len(JsonlLog(log).records) == 6  # lambda 0 done; the torn last line is dropped
 
     redone = []
-    monkeypatch.setattr(sweep_module, "answer", lambda *a, **k: redone.extend(a[3]) or real(*a, **k))
+    monkeypatch.setattr(sweep_module, "answer_on_engine", lambda *a, **k: redone.extend(a[2]) or real(*a, **k))
     resumed = run_sweep(tiny_pair, problems, out, CONFIG)
     assert len(redone) == 12  # only the unfinished (lambda, problem) pairs
     assert _by_key(resumed) == _by_key(reference)
@@ -80,9 +80,9 @@ def test_sampled_records_do_not_depend_on_batching_or_interruption(tiny_pair, tm
     problems = toy_problems(n_per_level=1)
     sampled = dataclasses.replace(CONFIG, sampling=Sampling(temperature=1.0), seed=3)
     whole = run_sweep(tiny_pair, problems, tmp_path / "whole", dataclasses.replace(sampled, batch_size=6))
-    monkeypatch.setattr(sweep_module, "answer", interrupted_on_call(sweep_module.answer, 3))
+    monkeypatch.setattr(sweep_module, "answer_on_engine", interrupted_on_call(sweep_module.answer_on_engine, 3))
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(tiny_pair, problems, tmp_path / "pieces", sampled)  # batches of 4 and 2
+        run_sweep(tiny_pair, problems, tmp_path / "pieces", sampled)  # 4 slots; two lambdas done
     resumed = run_sweep(tiny_pair, problems[::-1], tmp_path / "pieces", dataclasses.replace(sampled, batch_size=1))
     assert _by_key(resumed) == _by_key(whole)
     other_seed = run_sweep(tiny_pair, problems, tmp_path / "seed4", dataclasses.replace(sampled, seed=4))

@@ -1,0 +1,99 @@
+"""``dj.serve``: a list of prompts, each on its own theta(lambda_i), through the engine."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dami_jax.dami.pair import ModelPair
+from dami_jax.dami.serving import check_lambdas, row_keys, stop_rows
+from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
+from dami_jax.decoding.generation import PROMPT_BUCKET, Generation
+from dami_jax.decoding.sampling import GREEDY, Sampling
+from dami_jax.engine.engine import Engine
+from dami_jax.errors import InputError
+
+MAX_DEFAULT_SLOTS = 64  # dj.serve's default slot count never exceeds this (nor the number of prompts)
+KV_MEMORY_SHARE = 0.25  # ... nor what fits in this share of the free device (or host) memory
+
+
+def default_slots(pair: ModelPair, prompts: int, max_len: int) -> int:
+    """As many slots as there are prompts, up to ``MAX_DEFAULT_SLOTS`` and to what fits: the KV
+    rows (``max_len`` tokens each) in ``KV_MEMORY_SHARE`` of the memory the device reports free
+    (on a CPU, the host's available memory)."""
+    cfg = pair.cfg
+    itemsize = jax.tree.leaves(pair.instruct)[0].dtype.itemsize
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * max_len * itemsize
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(prompts, MAX_DEFAULT_SLOTS, int(free * KV_MEMORY_SHARE // per_slot)))
+
+
+def serve(
+    pair: ModelPair,
+    prompts: Sequence[Sequence[int]],
+    lambdas: Sequence[float],
+    *,
+    max_new_tokens: int | Sequence[int] = 128,
+    sampling: Sampling = GREEDY,
+    key: jax.Array | None = None,
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    slots: int | None = None,
+    cache: CacheConfig = DenseCacheConfig(),
+    progress: bool = False,
+    extrapolate: bool = False,
+    **engine_options: Any,
+) -> Generation:
+    """Generate for each prompt (rendered token ids) on theta(lambdas[i]), at most ``slots`` at a
+    time with continuous batching (:class:`~dami_jax.engine.engine.Engine`); rows in ``prompts``'
+    order, ``tokens`` as wide as the largest budget.
+
+    ``max_new_tokens``: one budget, or one per prompt. ``key``: one PRNG key, split into one per
+    prompt, or one per prompt [B]; either way a row's tokens depend on its own key only.
+    ``stop_tokens``: shared or per prompt (default: the pair's EOS ids). ``slots``: default
+    :func:`default_slots`. ``engine_options``: the engine's other settings (``steps_per_call``,
+    ``theta_cache``, ``admission``, ...). Every argument and prompt is checked before any work.
+    """
+    count = len(prompts)
+    if count == 0:
+        raise InputError("prompts: need at least one prompt")
+    lam = check_lambdas(lambdas, count, extrapolate)
+    budgets = _per_prompt(max_new_tokens, count, "max_new_tokens")
+    stops = stop_rows(stop_tokens, count) or [stop_tokens] * count
+    keys = row_keys(key, sampling, count)
+    max_len = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET + max(int(b) for b in budgets)
+    max_len = min(max_len, pair.cfg.max_position_embeddings)
+    slots = default_slots(pair, count, max_len) if slots is None else slots
+    engine = Engine(pair, slots=slots, max_len=max_len, extrapolate=extrapolate, cache=cache, **engine_options)
+    for i, prompt in enumerate(prompts):
+        try:
+            engine.submit(prompt, lam=lam[i], max_new_tokens=budgets[i], sampling=sampling,
+                          key=None if keys is None else keys[i], stop_tokens=stops[i])  # fmt: skip
+        except InputError as error:
+            raise InputError(f"prompt {i}: {error}") from None
+    results = sorted(tqdm(engine.results(), total=count, desc="serve", unit="answer", disable=not progress), key=lambda r: r.id)
+    width = max(int(b) for b in budgets)
+    tokens = np.full((count, width), pair.cfg.pad_token_id, np.int32)
+    logprobs = np.zeros((count, width), np.float32)
+    for row, result in enumerate(results):
+        tokens[row, : len(result.tokens)] = result.tokens
+        logprobs[row, : len(result.tokens)] = result.logprobs
+    lengths = np.asarray([len(r.tokens) for r in results], np.int32)
+    return Generation(jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(logprobs))
+
+
+def _per_prompt(value: int | Sequence[int], count: int, name: str) -> list[int]:
+    if isinstance(value, (int, np.integer)):
+        return [int(value)] * count
+    values = list(value)
+    if len(values) != count:
+        raise InputError(f"{name}: need one value or one per prompt ({count}), got {len(values)}")
+    return values

@@ -1,0 +1,141 @@
+"""The engine's device side: the slots' state and the three jitted operations on it.
+
+- :func:`prefill_chunk`: run one piece of a prompt into its slot's cache row;
+- :func:`insert`: pick the request's first token from its prefill logits and start the slot;
+- :func:`decode`: ``steps`` decode steps for every slot at once (one ``lax.scan``).
+
+Every per-request setting (lambda, sampling, key, stop ids, budget) is data in
+:class:`SlotState`, so a slot changing hands never recompiles anything. The state is donated to
+each call: the cache is updated in place. The params are a plain tree (a materialized
+theta(lambda), for prefill and for a decode where every busy slot shares one lambda), or for a
+decode with mixed lambdas both endpoints, mixed per row over ``SlotState.lam``
+(:mod:`dami_jax.models.rowmix`): two compilations of :func:`decode` per ``steps``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dami_jax.decoding.generation import decode_step
+from dami_jax.decoding.sampling import sample_rows, split_key
+from dami_jax.engine.cache import SlotKVCache
+from dami_jax.models.config import ModelConfig
+from dami_jax.models.model import decoder, lm_logits
+from dami_jax.models.params import Params
+from dami_jax.models.rowmix import mix_rows
+
+
+@flax.struct.dataclass
+class SlotState:
+    """Every slot's request, as arrays over the slots [B]."""
+
+    cache: SlotKVCache
+    token: jax.Array  # int32 [B]: the slot's newest token, the next step's input
+    key: jax.Array  # PRNG keys [B], split once per generated token (as generate splits a row's key)
+    lam: jax.Array  # float32 [B]: the slot's lambda
+    temperature: jax.Array  # float32 [B]; 0 is greedy
+    top_k: jax.Array  # int32 [B]; sampling.NO_TOP_K is off
+    top_p: jax.Array  # float32 [B]; 1 is off
+    stop: jax.Array  # int32 [B, K]: stop ids, padded with -1
+    generated: jax.Array  # int32 [B]: tokens generated so far
+    max_new: jax.Array  # int32 [B]: the request's max_new_tokens
+    active: jax.Array  # bool [B]: the slot is decoding
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, slots: int, size: int, stop_width: int, dtype) -> "SlotState":
+        def full(value, dtype, shape=(slots,)):  # a buffer of its own for every field: the state is donated
+            return jnp.full(shape, value, dtype)
+
+        return cls(
+            cache=SlotKVCache.create(cfg, slots, size, dtype), token=full(0, jnp.int32),
+            key=jax.random.split(jax.random.key(0), slots), lam=full(0, jnp.float32), temperature=full(0, jnp.float32),
+            top_k=full(0, jnp.int32), top_p=full(1, jnp.float32), stop=full(-1, jnp.int32, (slots, stop_width)),
+            generated=full(0, jnp.int32), max_new=full(0, jnp.int32), active=full(False, bool),
+        )  # fmt: skip
+
+
+@flax.struct.dataclass
+class SlotRequest:
+    """One request's settings as the arrays :func:`insert` writes into its slot."""
+
+    key: jax.Array  # one PRNG key []
+    lam: jax.Array  # float32 []
+    temperature: jax.Array  # float32 []
+    top_k: jax.Array  # int32 []
+    top_p: jax.Array  # float32 []
+    stop: jax.Array  # int32 [K]
+    max_new: jax.Array  # int32 []
+
+
+def _pick(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(carried keys, token int32 [B], its log-prob float32 [B]) from logits [B, V], as
+    generate's ``_record`` picks: split each row's key, sample with the second half."""
+    keys, sub = split_key(keys)
+    token = sample_rows(logits, sub, temperature, top_k, top_p)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+    return keys, token, logprob
+
+
+@partial(jax.jit, static_argnames="cfg", donate_argnames="state")
+def prefill_chunk(params: Params, state: SlotState, slot: jax.Array, tokens: jax.Array, offset: jax.Array, real: jax.Array,
+                  *, cfg: ModelConfig) -> tuple[SlotState, jax.Array]:  # fmt: skip
+    """Run ``tokens`` int32 [1, C] (a prompt's piece; its first ``real`` are real, the rest
+    padding) into row ``slot`` after its first ``offset`` tokens. Returns (state, next-token
+    logits float32 [V] after the last real token). The padding's K/V land past the row's new
+    length, masked until decode overwrites them."""
+    row = state.cache.row(slot).replace(length=offset[None])
+    hidden, row = decoder(params, cfg, tokens, row)
+    logits = lm_logits(params, jax.lax.dynamic_index_in_dim(hidden[0], real - 1, keepdims=False))
+    cache = state.cache.with_row(slot, row.replace(length=(offset + real)[None]))
+    return state.replace(cache=cache), logits
+
+
+@partial(jax.jit, donate_argnames="state")
+def insert(state: SlotState, slot: jax.Array, logits: jax.Array, request: SlotRequest) -> tuple[SlotState, jax.Array, jax.Array, jax.Array]:
+    """Start ``request`` in ``slot`` (already prefilled) with its first token picked from ``logits``
+    [V]. Returns (state, token, log-prob, whether the request is already finished)."""
+    one = jax.tree.map(lambda x: x[None], request)
+    key, token, logprob = _pick(logits[None], one.key, one.temperature, one.top_k, one.top_p)
+    token, logprob = token[0], logprob[0]
+    finished = jnp.any(token == request.stop) | (request.max_new <= 1)
+    put = lambda field, value: getattr(state, field).at[slot].set(value)  # noqa: E731
+    state = state.replace(
+        token=put("token", token), key=put("key", key[0]), lam=put("lam", request.lam),
+        temperature=put("temperature", request.temperature), top_k=put("top_k", request.top_k),
+        top_p=put("top_p", request.top_p), stop=put("stop", request.stop), generated=put("generated", 1),
+        max_new=put("max_new", request.max_new), active=put("active", ~finished),
+    )  # fmt: skip
+    return state, token, logprob, finished
+
+
+def _step(params: Params, cfg: ModelConfig, state: SlotState, _) -> tuple[SlotState, tuple[jax.Array, jax.Array, jax.Array]]:
+    """One decode step for every slot; idle slots run along (static shapes) but change nothing
+    that matters: their length, token and count stay."""
+    active = state.active
+    logits, cache = decode_step(params, cfg, state.token, state.cache)
+    cache = cache.replace(length=jnp.where(active, cache.length, state.cache.length))
+    key, token, logprob = _pick(logits, state.key, state.temperature, state.top_k, state.top_p)
+    generated = state.generated + active.astype(jnp.int32)
+    finished = jnp.any(token[:, None] == state.stop, axis=-1) | (generated >= state.max_new)
+    state = state.replace(
+        cache=cache, key=key, token=jnp.where(active, token, state.token), generated=generated,
+        active=active & ~finished,
+    )  # fmt: skip
+    return state, (token, logprob, active)
+
+
+@partial(jax.jit, static_argnames=("cfg", "steps"), donate_argnames="state")
+def decode(params: Params, mix_with: Params | None, state: SlotState, *, cfg: ModelConfig, steps: int
+           ) -> tuple[SlotState, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """``steps`` decode steps for every slot. ``mix_with``: None, every slot on ``params``; or the
+    other endpoint, each slot then on (1 - lam) ``params`` + lam ``mix_with`` with its own
+    ``state.lam``, mixed per row. Returns (state, tokens int32 [steps, B], log-probs float32
+    [steps, B], emitted bool [steps, B]: whether the slot was decoding at that step, so that the
+    token belongs to its request)."""
+    weights = params if mix_with is None else mix_rows(params, mix_with, state.lam)
+    state, (tokens, logprobs, emitted) = jax.lax.scan(partial(_step, weights, cfg), state, None, length=steps)
+    return state, tokens, logprobs, emitted
