@@ -16,7 +16,6 @@ from conftest import interrupted_on_call
 import dami_jax as dj
 import dami_jax.evals.sweep as sweep_module
 from dami_jax import cli
-from dami_jax.dami.serving import STRATEGIES
 from dami_jax.evals.niah.run import CONFIG_NAMES, DEPTHS
 from dami_jax.evals.route_eval import SPECIAL_ROUTERS
 from dami_jax.evals.router_data import MIXES
@@ -76,7 +75,7 @@ def test_help_answers_without_importing_jax():
 
 def test_cli_choices_match_the_library():
     assert cli.TEMPLATES == sweep_module.TEMPLATES
-    assert cli.ROUTERS == SPECIAL_ROUTERS and cli.MIXES == ("all", *MIXES) and cli.STRATEGIES == STRATEGIES
+    assert cli.ROUTERS == SPECIAL_ROUTERS and cli.MIXES == ("all", *MIXES)
     assert cli.NIAH_CONFIGS == CONFIG_NAMES and cli.NIAH_DEPTHS == DEPTHS
     assert cli.TOKEN_SCORES == TOKEN_SCORES and cli.TOKEN_SCORES[0] == TailorKVConfig().token_score
     assert {v for v in cli.CACHES.values() if v} == set(PRESETS)

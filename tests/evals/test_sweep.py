@@ -7,14 +7,17 @@ import pytest
 from conftest import interrupted_on_call, write_tiny_pair
 
 import dami_jax.evals.sweep as sweep_module
+from dami_jax.dami.interpolation import interpolate
 from dami_jax.dami.pair import load_pair
 from dami_jax.decoding.sampling import Sampling
+from dami_jax.evals.answering import answer
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.frontier import SweepPoint, format_table, frontier_shape, pareto_frontier, sweep_points
 from dami_jax.evals.plots import frontier_labels, plot_frontier
 from dami_jax.evals.records import JsonlLog, StaleResultsError
-from dami_jax.evals.sweep import RECORDS_FILE, SweepConfig, run_sweep
+from dami_jax.evals.sweep import RECORDS_FILE, SweepConfig, record_keys, run_sweep
 from dami_jax.toy.evaluation import toy_problems
+from dami_jax.toy.pair import load_toy_pair
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +131,25 @@ def test_bad_sweep_config():
         SweepConfig(lambdas=(0.0, 1.5))
     with pytest.raises(ValueError, match="ids must be unique"):
         run_sweep(None, [Problem("a", "q", "1", "s")] * 2, "unused", CONFIG)
+
+
+@pytest.mark.usefixtures("highest_precision")
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, top_k=20)])
+def test_records_on_the_engine_equal_the_static_path(tmp_path, sampling):
+    """Today's static path (one generate per batch of 16 on the materialized theta) gives the
+    same records, record for record, as the engine: greedy, and sampled with the per-record keys."""
+    pair = load_toy_pair()
+    problems = toy_problems(n_per_level=3)  # 18: levels 1-6, short and long answers
+    config = SweepConfig(lambdas=(0.0, 0.4, 1.0), max_new_tokens=48, batch_size=4, style="toy", sampling=sampling, seed=2)
+    records = run_sweep(pair, problems, tmp_path, config, progress=False)
+    static = []
+    for lam in config.lambdas:
+        theta = interpolate(pair.instruct, pair.thinking, lam)
+        for lo in range(0, len(problems), 16):
+            batch = problems[lo : lo + 16]
+            keys = None if sampling.greedy else record_keys(config.seed, lam, [p.id for p in batch])
+            answers = answer(theta, pair.cfg, pair.tokenizers["thinking"], batch, style="toy", max_new_tokens=48,
+                             sampling=sampling, keys=keys)  # fmt: skip
+            static += [{"lambda": lam, "template": "thinking", **r} for r in answers]
+    assert _by_key(records) == _by_key(static)
+    assert {r["truncated"] for r in records} == {True, False} and len({r["output_tokens"] for r in records}) > 5
