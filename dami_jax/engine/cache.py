@@ -57,12 +57,16 @@ class SlotKVCache:
     def advance(self, num_tokens: int) -> "SlotKVCache":
         return self.replace(length=self.length + num_tokens)
 
-    def row(self, index: jax.Array) -> "SlotKVCache":
-        """Row ``index`` as a cache of one row (for prefilling one request into its slot)."""
-        take = lambda x: jax.lax.dynamic_slice_in_dim(x, index, 1, axis=0)  # noqa: E731
+    def rows(self, indices: jax.Array) -> "SlotKVCache":
+        """Rows ``indices`` int32 [n] as a cache of n rows (for prefilling requests into their
+        slots). An index past the last row reads the last row: a padding row, see :meth:`with_rows`."""
+        take = lambda x: jnp.take(x, indices, axis=0, mode="clip")  # noqa: E731
         return SlotKVCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)), length=take(self.length))
 
-    def with_row(self, index: jax.Array, row: "SlotKVCache") -> "SlotKVCache":
-        """This cache with row ``index`` replaced by the one-row cache ``row``."""
-        put = lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r, index, axis=0)  # noqa: E731
-        return SlotKVCache(k=tuple(map(put, self.k, row.k)), v=tuple(map(put, self.v, row.v)), length=put(self.length, row.length))
+    def with_rows(self, indices: jax.Array, rows: "SlotKVCache") -> "SlotKVCache":
+        """This cache with rows ``indices`` replaced by ``rows`` (their first ``rows.size``
+        slots, when ``rows`` is shorter); an index past the last row (a padding row of the batch)
+        is dropped."""
+        put = lambda x, r: x.at[indices, :, : r.shape[2]].set(r, mode="drop")  # noqa: E731
+        return SlotKVCache(k=tuple(map(put, self.k, rows.k)), v=tuple(map(put, self.v, rows.v)),
+                           length=self.length.at[indices].set(rows.length, mode="drop"))  # fmt: skip

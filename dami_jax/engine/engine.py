@@ -12,7 +12,8 @@ in which every busy slot shares one lambda runs on that theta (one model's reads
 a step with mixed lambdas runs every weight op on both endpoints, mixed per row
 (:mod:`dami_jax.models.rowmix`: twice the reads and FLOPs, but no model per lambda).
 ``admission="group"`` fills a free slot with the first waiting request whose lambda the busy
-slots share (looking ``GROUP_WINDOW`` requests ahead), so that more steps take the single-model path.
+slots share (looking ``GROUP_WINDOW`` requests ahead, and passing over the head of the queue at
+most ``GROUP_WINDOW`` times), so that more steps take the single-model path.
 
 Use it from a notebook::
 
@@ -192,6 +193,7 @@ class Engine:
         self._thetas = ThetaCache(pair, theta_cache, extrapolate)
         self._running: list[_Running | None] = [None] * slots
         self._waiting: deque[Request] = deque()
+        self._passed_over = 0  # admissions that went past the head of the queue (admission="group")
         self._ids = itertools.count()
         self._greedy_key = jax.random.key(0)  # what a greedy request without a key carries (never drawn from)
         self._started = time.perf_counter()
@@ -317,48 +319,59 @@ class Engine:
                 self._running[slot] = _Running(self._next_request())
 
     def _next_request(self) -> Request:
-        if self.admission == "group":
+        """The head of the queue; under ``admission="group"``, the first of the next
+        ``GROUP_WINDOW`` whose lambda the busy slots share, unless the head has already been
+        passed over ``GROUP_WINDOW`` times (so nothing waits for ever)."""
+        if self.admission == "group" and self._passed_over < GROUP_WINDOW:
             busy = {r.request.lam for r in self._running if r is not None}
-            if len(busy) == 1:
-                (lam,) = busy
-                for request in itertools.islice(self._waiting, GROUP_WINDOW):
-                    if request.lam == lam:
+            if len(busy) == 1 and self._waiting[0].lam not in busy:
+                for request in itertools.islice(self._waiting, 1, GROUP_WINDOW):
+                    if request.lam in busy:
                         self._waiting.remove(request)
+                        self._passed_over += 1
                         return request
+        self._passed_over = 0
         return self._waiting.popleft()
 
     def _prefill(self) -> list[TokenEvent]:
-        """Prefill pieces of the slots' prompts, oldest request first, within one budget of
-        ``prefill_chunk`` tokens. A piece that leaves part of its prompt for later ends on a
-        ``PROMPT_BUCKET`` boundary, so that every piece, padded to the bucket, fits its row."""
-        events, budget, started = [], self.prefill_chunk, time.perf_counter()
-        prefilling = sorted((r.request.id, slot) for slot, r in enumerate(self._running) if r is not None and r.prefilling)
-        for _, slot in prefilling:
+        """One piece of each prefilling prompt, oldest request first, within one budget of
+        ``prefill_chunk`` tokens; the pieces of one lambda and one padded width run as one batch
+        (padded to a power of two rows), first pieces apart from later ones. A piece that leaves part of its prompt for a later step
+        ends on a ``PROMPT_BUCKET`` boundary, so that every piece, padded, fits its row."""
+        pieces: dict[tuple[float, int, bool], list[tuple[int, _Running, int]]] = {}
+        budget = self.prefill_chunk
+        for _, slot in sorted((r.request.id, slot) for slot, r in enumerate(self._running) if r is not None and r.prefilling):
             running = self._running[slot]
-            while running.prefilling:
-                prompt, offset = running.request.prompt, running.offset
-                remaining = len(prompt) - offset
-                real = min(self.prefill_chunk, remaining, budget)
-                if real < remaining:
-                    real -= real % PROMPT_BUCKET
-                if real == 0:
-                    break
-                width = -(-real // PROMPT_BUCKET) * PROMPT_BUCKET
-                piece = np.full((1, width), self.cfg.pad_token_id, np.int32)
-                piece[0, :real] = prompt[offset : offset + real]
-                self._state, logits = prefill_chunk(
-                    self._theta(running.request.lam), self._state, jnp.int32(slot), jnp.asarray(piece),
-                    jnp.int32(offset), jnp.int32(real), cfg=self.cfg,
-                )  # fmt: skip
-                running.offset += real
-                budget -= real
-                self.stats.prefill_pieces += 1
-                self.stats.prefill_tokens += real
-                if not running.prefilling:
-                    events.append(self._start(slot, running, logits))
-        if prefilling:
-            jax.block_until_ready(self._state.cache.length)
-            self.stats.prefill_s += time.perf_counter() - started
+            remaining = len(running.request.prompt) - running.offset
+            real = min(self.prefill_chunk, remaining, budget)
+            if real < remaining:
+                real -= real % PROMPT_BUCKET
+            if real == 0:
+                break
+            width = -(-real // PROMPT_BUCKET) * PROMPT_BUCKET
+            pieces.setdefault((running.request.lam, width, running.offset == 0), []).append((slot, running, real))
+            budget -= real
+        if not pieces:
+            return []
+        events, started = [], time.perf_counter()
+        for (lam, width, fresh), group in pieces.items():
+            rows = 1 << (len(group) - 1).bit_length()
+            slots = np.full(rows, self.slots, np.int32)  # past the last slot: padding rows, dropped
+            tokens = np.full((rows, width), self.cfg.pad_token_id, np.int32)
+            offset, real = np.zeros(rows, np.int32), np.ones(rows, np.int32)
+            for i, (slot, running, count) in enumerate(group):
+                slots[i], offset[i], real[i] = slot, running.offset, count
+                tokens[i, :count] = running.request.prompt[running.offset : running.offset + count]
+                running.offset += count
+            self._state, logits = prefill_chunk(self._theta(lam), self._state, jnp.asarray(slots), jnp.asarray(tokens),
+                                                jnp.asarray(offset), jnp.asarray(real), cfg=self.cfg, fresh=fresh)  # fmt: skip
+            self.stats.prefill_pieces += len(group)
+            self.stats.prefill_tokens += int(real[: len(group)].sum())
+            done = [(i, slot, running) for i, (slot, running, _) in enumerate(group) if not running.prefilling]
+            if done:
+                events += self._start(done, logits, rows)
+        jax.block_until_ready(self._state.cache.length)
+        self.stats.prefill_s += time.perf_counter() - started
         return events
 
     def _theta(self, lam: float):
@@ -368,24 +381,35 @@ class Engine:
         self.stats.interpolation_s += self._thetas.interpolation_s - before
         return theta
 
-    def _start(self, slot: int, running: _Running, logits: jax.Array) -> TokenEvent:
-        request, sampling = running.request, running.request.sampling
-        stop = np.full(self._state.stop.shape[1], NO_STOP, np.int32)
-        stop[: len(request.stop_tokens)] = request.stop_tokens
-        slot_request = SlotRequest(
-            key=request.key, lam=jnp.float32(request.lam), temperature=jnp.float32(sampling.temperature),
-            top_k=jnp.int32(sampling.top_k or NO_TOP_K), top_p=jnp.float32(1.0 if sampling.top_p is None else sampling.top_p),
-            stop=jnp.asarray(stop), max_new=jnp.int32(request.max_new_tokens),
-        )  # fmt: skip
-        self._state, token, logprob, finished = insert(self._state, jnp.int32(slot), logits, slot_request)
-        token, logprob, finished = jax.device_get((token, logprob, finished))
-        running.tokens.append(int(token))
-        running.logprobs.append(float(logprob))
-        running.first_token = time.perf_counter()
-        if finished:
-            self._running[slot] = None
-            return TokenEvent(request.id, (int(token),), self._result(running, self._reason(running)))
-        return TokenEvent(request.id, (int(token),))
+    def _start(self, done: list[tuple[int, int, _Running]], logits: jax.Array, rows: int) -> list[TokenEvent]:
+        """Start the requests whose prompts are prefilled (``done``: their row in ``logits``
+        [rows, V], slot, request) with their first tokens; the other rows are dropped."""
+        slots = np.full(rows, self.slots, np.int32)
+        stop = np.full((rows, self._state.stop.shape[1]), NO_STOP, np.int32)
+        fields = {name: np.zeros(rows, dtype) for name, dtype in
+                  (("lam", np.float32), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("max_new", np.int32))}  # fmt: skip
+        keys = [done[0][2].request.key] * rows
+        for i, slot, running in done:
+            request, sampling = running.request, running.request.sampling
+            slots[i], keys[i] = slot, request.key
+            stop[i, : len(request.stop_tokens)] = request.stop_tokens
+            for name, value in (("lam", request.lam), ("temperature", sampling.temperature), ("top_k", sampling.top_k or NO_TOP_K),
+                                ("top_p", 1.0 if sampling.top_p is None else sampling.top_p), ("max_new", request.max_new_tokens)):  # fmt: skip
+                fields[name][i] = value
+        requests = SlotRequest(key=jnp.stack(keys), stop=jnp.asarray(stop), **{k: jnp.asarray(v) for k, v in fields.items()})
+        self._state, tokens, logprobs, finished = insert(self._state, jnp.asarray(slots), logits, requests)
+        tokens, logprobs, finished = jax.device_get((tokens, logprobs, finished))
+        now, events = time.perf_counter(), []
+        for i, slot, running in done:
+            running.tokens.append(int(tokens[i]))
+            running.logprobs.append(float(logprobs[i]))
+            running.first_token = now
+            if finished[i]:
+                self._running[slot] = None
+                events.append(TokenEvent(running.request.id, (int(tokens[i]),), self._result(running, self._reason(running))))
+            else:
+                events.append(TokenEvent(running.request.id, (int(tokens[i]),)))
+        return events
 
     def _decode(self) -> list[TokenEvent]:
         decoding = [r for r in self._running if r is not None and not r.prefilling]

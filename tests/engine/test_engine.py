@@ -208,8 +208,8 @@ def test_engine_steps_update_the_donated_cache_in_place(batch, num_kv_heads):
         lowered = {
             "decode": decode.lower(params, None, state, cfg=cfg, steps=4),
             "mixed decode": decode.lower(params, params, state, cfg=cfg, steps=1),
-            "prefill": prefill_chunk.lower(params, state, jnp.int32(0), jnp.zeros((1, 32), jnp.int32), jnp.int32(0),
-                                           jnp.int32(5), cfg=cfg),  # fmt: skip
+            "prefill": prefill_chunk.lower(params, state, jnp.asarray([0, batch]), jnp.zeros((2, 32), jnp.int32),
+                                           jnp.zeros(2, jnp.int32), jnp.full(2, 5, jnp.int32), cfg=cfg, fresh=False),  # fmt: skip
         }
         cache_shape = rf"f32\[{batch},{num_kv_heads},{size},{cfg.head_dim}\]"
         for name, step in lowered.items():

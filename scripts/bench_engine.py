@@ -1,0 +1,249 @@
+"""Continuous batching (the engine) against static batches of the same size: useful tokens/s
+(tokens that end up in a result), slot occupancy, prefill vs decode time and compilations, float32,
+greedy, measured in one run. Every workload runs once to compile, then once timed, for both sides.
+
+    python scripts/bench_engine.py [--slots 8] [--toy-requests 160] [--smollm2-requests 48] [--skip-smollm2]
+
+1. The toy pair on a route-eval mix: ``--toy-requests`` held-out problems of the easy-heavy mix at
+   the lambdas DAMI-Conf picks for them (zero-shot: Instruct drafts, both models score), up to
+   ``--toy-new-tokens``. Static: batches of ``--slots`` prompts in arrival order through
+   ``serve_static`` (today's path before the engine: auto picks bucketed or mixed per batch).
+2. The engine's own choices on that mix: decode steps per host round trip, admission order and
+   the theta cache, each against the defaults; and what one plain and one mixed decode step, one
+   prefill piece and one interpolation cost.
+3. SmolLM2-135M-Instruct (one model, lambda 0) on ``--smollm2-requests`` chat prompts whose token
+   budgets are heavy-tailed (lognormal, clipped to [8, 512]); no stop ids, so every request uses
+   its whole budget. Static: ``dj.generate`` batches of ``--slots`` in arrival order, each until
+   its largest budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dami_jax as dj
+from dami_jax.dami.conf_router import ConfMap, draft_signals
+from dami_jax.dami.pair import ModelPair
+from dami_jax.dami.serving import serve_static
+from dami_jax.engine.engine import Engine, EngineStats
+from dami_jax.engine.steps import SlotState, decode, prefill_chunk
+from dami_jax.evals.prompts import prompt_tokens
+from dami_jax.evals.router_data import mix_problems
+from dami_jax.models.pinned import smollm2_checkpoint
+from dami_jax.models.tokenizer import chat_tokens, load_tokenizer
+from dami_jax.toy.evaluation import toy_problems
+
+GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+class Compiles:
+    """Counts XLA compilations (jax's backend-compile events) while it is open."""
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._heard)
+
+    def _heard(self, event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+COMPILES = Compiles()
+
+
+def timed(run: Callable[[], object]) -> tuple[object, float, int, int]:
+    """(result, seconds, compiles) of a timed call after a compiling one; and the warm-up's compiles."""
+    before = COMPILES.count
+    jax.block_until_ready(run())
+    warm = COMPILES.count - before
+    before, started = COMPILES.count, time.perf_counter()
+    out = jax.block_until_ready(run())
+    return out, time.perf_counter() - started, COMPILES.count - before, warm
+
+
+def run_engine(pair: ModelPair, requests: Sequence[dict], slots: int, max_len: int, **options) -> tuple[list, EngineStats]:
+    engine = Engine(pair, slots=slots, max_len=max_len, **options)
+    for r in requests:
+        engine.submit(r["prompt"], lam=r["lam"], max_new_tokens=r["max_new"], stop_tokens=r.get("stop"))
+    return engine.run(), engine.stats
+
+
+def static_batches(requests: Sequence[dict], slots: int, serve_batch: Callable[[list[dict]], list[list[int]]]) -> list[list[int]]:
+    """Each batch of ``slots`` requests in arrival order, served until its longest row is done."""
+    rows = []
+    for lo in range(0, len(requests), slots):
+        rows += serve_batch(list(requests[lo : lo + slots]))
+    return rows
+
+
+def report(name: str, requests: Sequence[dict], slots: int, max_len: int, serve_batch, pair: ModelPair, static_steps) -> None:
+    """Time the engine against static batches on ``requests``; print one comparison."""
+    static_rows, static_s, static_compiles, static_warm = timed(lambda: static_batches(requests, slots, serve_batch))
+    (results, stats), engine_s, engine_compiles, engine_warm = timed(lambda: run_engine(pair, requests, slots, max_len))
+    engine_rows = [r.tokens for r in results]
+    useful = sum(len(t) for t in engine_rows)
+    static_useful = sum(len(t) for t in static_rows)
+    same = sum(a == b for a, b in zip(engine_rows, static_rows))
+    static_slot_steps = static_steps(requests, static_rows, slots)
+    print(f"\n{name}: {len(requests)} requests, {slots} slots")
+    print(f"  static : {static_s:7.2f} s  {static_useful:6d} useful tokens  {static_useful / static_s:8.1f} tok/s  "
+          f"occupancy {static_useful / static_slot_steps:.2f}  compiles {static_warm} warm-up, {static_compiles} timed")  # fmt: skip
+    print(f"  engine : {engine_s:7.2f} s  {useful:6d} useful tokens  {useful / engine_s:8.1f} tok/s  "
+          f"occupancy {stats.occupancy:.2f}  compiles {engine_warm} warm-up, {engine_compiles} timed")  # fmt: skip
+    print(f"  engine time: prefill {stats.prefill_s:.2f} s ({stats.prefill_pieces} pieces, {stats.prefill_tokens} tokens), "
+          f"decode {stats.decode_s:.2f} s ({stats.decode_calls} calls, {stats.decode_steps} steps, {stats.mixed_steps} mixed), "
+          f"interpolation {stats.interpolation_s:.2f} s ({stats.interpolations}), host {engine_s - stats.prefill_s - stats.decode_s:.2f} s")  # fmt: skip
+    print(f"  identical results: {same} of {len(requests)}")
+    print(f"  ratio engine / static, useful tok/s: {(useful / engine_s) / (static_useful / static_s):.2f}x")
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def toy_workload(pair: ModelPair, count: int, new_tokens: int, seed: int) -> list[dict]:
+    """The easy-heavy mix at DAMI-Conf's lambdas, shuffled into an arrival order."""
+    tokenizer = pair.tokenizers["thinking"]
+    problems = mix_problems(toy_problems(-(-count // 2), seed=seed), "easy-heavy", count)
+    prompts = [prompt_tokens(tokenizer, p, "toy") for p in problems]
+    signals = draft_signals(pair, prompts, max_draft_tokens=32)
+    lambdas, _ = ConfMap().route(signals.confidence, signals.discrepancy, GRID)
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    return [{"prompt": prompts[i], "lam": float(lambdas[i]), "max_new": new_tokens} for i in order]
+
+
+def toy_static(pair: ModelPair) -> Callable[[list[dict]], list[list[int]]]:
+    def serve_batch(batch: list[dict]) -> list[list[int]]:
+        out = serve_static(pair, [r["prompt"] for r in batch], [r["lam"] for r in batch], max_new_tokens=batch[0]["max_new"])
+        return out.token_lists()
+
+    return serve_batch
+
+
+def longest_row_steps(requests: Sequence[dict], rows: Sequence[list[int]], slots: int) -> int:
+    """Slot-steps of static batches: every row of a batch runs as long as its longest row."""
+    return sum(max(len(r) for r in rows[lo : lo + slots]) * slots for lo in range(0, len(rows), slots))
+
+
+def smollm2_workload(tokenizer, count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    budgets = np.clip(np.round(rng.lognormal(np.log(48), 1.0, count)), 8, 512).astype(int)
+    questions = [p.question for p in toy_problems(-(-count // 6), seed=seed)][:count]
+    prompts = [chat_tokens(tokenizer, f"Solve step by step: {q}") for q in questions]
+    return [{"prompt": p, "lam": 0.0, "max_new": int(b), "stop": []} for p, b in zip(prompts, budgets)]
+
+
+def smollm2_static(pair: ModelPair) -> Callable[[list[dict]], list[list[int]]]:
+    def serve_batch(batch: list[dict]) -> list[list[int]]:
+        longest = max(r["max_new"] for r in batch)
+        out = dj.generate(pair.instruct, pair.cfg, [r["prompt"] for r in batch], max_new_tokens=longest, stop_tokens=[])
+        return [row[: r["max_new"]] for row, r in zip(out.token_lists(), batch)]  # beyond its budget a row is waste
+
+    return serve_batch
+
+
+def budget_steps(requests: Sequence[dict], rows: Sequence[list[int]], slots: int) -> int:
+    """Slot-steps of static batches that run to their largest budget."""
+    return sum(max(r["max_new"] for r in requests[lo : lo + slots]) * slots for lo in range(0, len(requests), slots))
+
+
+# --------------------------------------------------------------------------- the engine's choices
+
+
+def step_costs(pair: ModelPair, slots: int, size: int) -> None:
+    """Milliseconds of one plain decode step, one mixed step, one 64-token prefill piece and one
+    interpolation at this model's shapes."""
+    dtype = jax.tree.leaves(pair.instruct)[0].dtype
+    state = {"s": SlotState.create(pair.cfg, slots, size, 8, dtype)}
+
+    def plain():
+        state["s"], *_ = decode(pair.instruct, None, state["s"], cfg=pair.cfg, steps=1)
+        return state["s"].token
+
+    def mixed():
+        state["s"], *_ = decode(pair.instruct, pair.thinking, state["s"], cfg=pair.cfg, steps=1)
+        return state["s"].token
+
+    piece = jnp.zeros((1, 64), jnp.int32)
+
+    def prefill():
+        state["s"], logits = prefill_chunk(pair.instruct, state["s"], jnp.zeros(1, jnp.int32), piece, jnp.zeros(1, jnp.int32),
+                                           jnp.full(1, 64, jnp.int32), cfg=pair.cfg, fresh=True)  # fmt: skip
+        return logits
+
+    theta = [dj.interpolate(pair.instruct, pair.thinking, 0.5)]
+
+    def interpolation():
+        theta[0] = dj.interpolate(pair.instruct, pair.thinking, 0.3, out=theta[0])
+        return theta[0]
+
+    costs = {name: 1e3 * min(timed(fn)[1] for _ in range(3)) for name, fn in
+             (("plain step", plain), ("mixed step", mixed), ("prefill 64", prefill), ("interpolation", interpolation))}  # fmt: skip
+    print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items())
+          + f"; mixed / plain step {costs['mixed step'] / costs['plain step']:.2f}x")  # fmt: skip
+
+
+def engine_choices(pair: ModelPair, requests: Sequence[dict], slots: int, max_len: int) -> None:
+    variants = {
+        "defaults (steps_per_call=4, fifo, theta_cache=2)": {},
+        "steps_per_call=1": dict(steps_per_call=1),
+        "steps_per_call=2": dict(steps_per_call=2),
+        "steps_per_call=8": dict(steps_per_call=8),
+        "admission=group": dict(admission="group"),
+        "theta_cache=0": dict(theta_cache=0),
+        "theta_cache=11": dict(theta_cache=11),
+    }
+    base = None
+    for name, options in variants.items():
+        (results, stats), seconds, _, _ = timed(lambda: run_engine(pair, requests, slots, max_len, **options))
+        speed = sum(len(r.tokens) for r in results) / seconds
+        base = base or speed
+        print(f"  {name:<50} {speed:8.1f} tok/s  {speed / base:5.2f}x  occupancy {stats.occupancy:.2f}  "
+              f"mixed steps {stats.mixed_steps}/{stats.decode_steps}  interpolations {stats.interpolations} "
+              f"({stats.interpolation_s:.2f} s)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--toy-requests", type=int, default=160)
+    parser.add_argument("--toy-new-tokens", type=int, default=160)
+    parser.add_argument("--smollm2-requests", type=int, default=48)
+    parser.add_argument("--skip-smollm2", action="store_true", help="the toy pair only (no conversion, a few minutes less)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, float32, greedy")
+
+    pair = dj.load_toy_pair(dtype=np.float32)
+    requests = toy_workload(pair, args.toy_requests, args.toy_new_tokens, args.seed)
+    values, counts = np.unique([r["lam"] for r in requests], return_counts=True)
+    print("toy lambdas (DAMI-Conf): " + ", ".join(f"{v:g} x{c}" for v, c in zip(values, counts)))
+    max_len = max(len(r["prompt"]) for r in requests) + args.toy_new_tokens
+    report("toy pair, route-eval mix", requests, args.slots, max_len, toy_static(pair), pair, longest_row_steps)
+    print("\nthe engine's choices on the toy mix (useful tok/s against the defaults):")
+    engine_choices(pair, requests, args.slots, max_len)
+    print("step costs, toy pair:")
+    step_costs(pair, args.slots, max_len)
+
+    if args.skip_smollm2:
+        return
+    folder = smollm2_checkpoint()
+    cfg, params = dj.load_checkpoint(folder, dtype=jnp.float32)
+    tokenizer = load_tokenizer(folder)
+    smollm2 = ModelPair(cfg, params, params, {"instruct": tokenizer, "thinking": tokenizer}, {"instruct": str(folder), "thinking": str(folder)})
+    requests = smollm2_workload(tokenizer, args.smollm2_requests, args.seed)
+    budgets = np.asarray([r["max_new"] for r in requests])
+    print(f"\nSmolLM2 budgets: min {budgets.min()}, median {np.median(budgets):.0f}, mean {budgets.mean():.0f}, max {budgets.max()}")
+    max_len = max(len(r["prompt"]) for r in requests) + int(budgets.max())
+    report("SmolLM2-135M, heavy-tailed budgets", requests, args.slots, max_len, smollm2_static(smollm2), smollm2, budget_steps)
+    print("step costs, SmolLM2-135M (both endpoints the same weights):")
+    step_costs(smollm2, args.slots, max_len)
+
+
+if __name__ == "__main__":
+    main()
