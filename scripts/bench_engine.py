@@ -2,12 +2,13 @@
 (tokens that end up in a result), slot occupancy, prefill vs decode time and compilations, float32,
 greedy, measured in one run. Every workload runs once to compile, then once timed, for both sides.
 
-    python scripts/bench_engine.py [--slots 8] [--toy-requests 160] [--smollm2-requests 48] [--skip-smollm2]
+    python scripts/bench_engine.py [--router DIR] [--slots 8] [--toy-requests 160] [--smollm2-requests 96] [--workloads toy smollm2]
 
 1. The toy pair on a route-eval mix: ``--toy-requests`` held-out problems of the easy-heavy mix at
-   the lambdas DAMI-Conf picks for them (zero-shot: Instruct drafts, both models score), up to
-   ``--toy-new-tokens``. Static: batches of ``--slots`` prompts in arrival order through
-   ``serve_static`` (today's path before the engine: auto picks bucketed or mixed per batch).
+   the lambdas a router picks for them, up to ``--toy-new-tokens``: DAMI-Pref with ``--router``
+   (a ``dami-jax train-router`` folder), else DAMI-Conf (zero-shot: Instruct drafts, both models
+   score). Static: batches of ``--slots`` prompts in arrival order through ``serve_static``
+   (the path before the engine: auto picks bucketed or mixed per batch).
 2. The engine's own choices on that mix: decode steps per host round trip, admission order and
    the theta cache, each against the defaults; and what one plain and one mixed decode step, one
    prefill piece and one interpolation cost.
@@ -30,11 +31,13 @@ import numpy as np
 import dami_jax as dj
 from dami_jax.dami.conf_router import ConfMap, draft_signals
 from dami_jax.dami.pair import ModelPair
+from dami_jax.dami.pref_router import load_pref_router
 from dami_jax.dami.serving import serve_static
 from dami_jax.engine.engine import Engine, EngineStats
-from dami_jax.engine.steps import SlotState, decode, prefill_chunk
+from dami_jax.engine.steps import Pieces, SlotState, decode, prefill
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.router_data import mix_problems
+from dami_jax.evals.router_training import router_features
 from dami_jax.models.pinned import smollm2_checkpoint
 from dami_jax.models.tokenizer import chat_tokens, load_tokenizer
 from dami_jax.toy.evaluation import toy_problems
@@ -82,23 +85,27 @@ def static_batches(requests: Sequence[dict], slots: int, serve_batch: Callable[[
     return rows
 
 
-def report(name: str, requests: Sequence[dict], slots: int, max_len: int, serve_batch, pair: ModelPair, static_steps) -> None:
-    """Time the engine against static batches on ``requests``; print one comparison."""
+def report(name: str, requests: Sequence[dict], slots: int, max_len: int, serve_batch, pair: ModelPair, static_steps,
+           **options) -> None:  # fmt: skip
+    """Time the engine (with ``options``) against static batches on ``requests``; print one comparison."""
     static_rows, static_s, static_compiles, static_warm = timed(lambda: static_batches(requests, slots, serve_batch))
-    (results, stats), engine_s, engine_compiles, engine_warm = timed(lambda: run_engine(pair, requests, slots, max_len))
+    (results, stats), engine_s, engine_compiles, engine_warm = timed(lambda: run_engine(pair, requests, slots, max_len, **options))
+    _, profiled = run_engine(pair, requests, slots, max_len, profile=True, **options)  # waits after each call: the time split
     engine_rows = [r.tokens for r in results]
     useful = sum(len(t) for t in engine_rows)
     static_useful = sum(len(t) for t in static_rows)
     same = sum(a == b for a, b in zip(engine_rows, static_rows))
     static_slot_steps = static_steps(requests, static_rows, slots)
-    print(f"\n{name}: {len(requests)} requests, {slots} slots")
+    print(f"\n{name}: {len(requests)} requests, {slots} slots; engine options {options or 'the defaults'}")
     print(f"  static : {static_s:7.2f} s  {static_useful:6d} useful tokens  {static_useful / static_s:8.1f} tok/s  "
           f"occupancy {static_useful / static_slot_steps:.2f}  compiles {static_warm} warm-up, {static_compiles} timed")  # fmt: skip
     print(f"  engine : {engine_s:7.2f} s  {useful:6d} useful tokens  {useful / engine_s:8.1f} tok/s  "
           f"occupancy {stats.occupancy:.2f}  compiles {engine_warm} warm-up, {engine_compiles} timed")  # fmt: skip
-    print(f"  engine time: prefill {stats.prefill_s:.2f} s ({stats.prefill_pieces} pieces, {stats.prefill_tokens} tokens), "
-          f"decode {stats.decode_s:.2f} s ({stats.decode_calls} calls, {stats.decode_steps} steps, {stats.mixed_steps} mixed), "
-          f"interpolation {stats.interpolation_s:.2f} s ({stats.interpolations}), host {engine_s - stats.prefill_s - stats.decode_s:.2f} s")  # fmt: skip
+    print(f"  engine calls: {stats.prefill_pieces} prefill pieces ({stats.prefill_tokens} tokens), {stats.decode_calls} decode "
+          f"calls ({stats.decode_steps} steps, {stats.mixed_steps} mixed), {stats.interpolations} interpolations")  # fmt: skip
+    total = profiled.prefill_s + profiled.decode_s
+    print(f"  engine time, a pass that waits after every call: prefill {profiled.prefill_s:.2f} s "
+          f"({profiled.prefill_s / total:.0%}), decode {profiled.decode_s:.2f} s ({profiled.decode_s / total:.0%})")  # fmt: skip
     print(f"  identical results: {same} of {len(requests)}")
     print(f"  ratio engine / static, useful tok/s: {(useful / engine_s) / (static_useful / static_s):.2f}x")
 
@@ -106,13 +113,18 @@ def report(name: str, requests: Sequence[dict], slots: int, max_len: int, serve_
 # --------------------------------------------------------------------------- workloads
 
 
-def toy_workload(pair: ModelPair, count: int, new_tokens: int, seed: int) -> list[dict]:
-    """The easy-heavy mix at DAMI-Conf's lambdas, shuffled into an arrival order."""
+def toy_workload(pair: ModelPair, count: int, new_tokens: int, seed: int, router: str | None) -> list[dict]:
+    """The easy-heavy mix at a router's lambdas, shuffled into an arrival order."""
     tokenizer = pair.tokenizers["thinking"]
     problems = mix_problems(toy_problems(-(-count // 2), seed=seed), "easy-heavy", count)
     prompts = [prompt_tokens(tokenizer, p, "toy") for p in problems]
-    signals = draft_signals(pair, prompts, max_draft_tokens=32)
-    lambdas, _ = ConfMap().route(signals.confidence, signals.discrepancy, GRID)
+    if router:
+        pref = load_pref_router(router, fingerprint=pair.fingerprints()["instruct"])
+        features = router_features(pair, problems, pref.info.prompt["style"], pref.info.spec, router, pref.info.fingerprint)
+        lambdas = pref.lambdas(features)
+    else:
+        signals = draft_signals(pair, prompts, max_draft_tokens=32)
+        lambdas, _ = ConfMap().route(signals.confidence, signals.discrepancy, GRID)
     order = np.random.default_rng(seed).permutation(len(prompts))
     return [{"prompt": prompts[i], "lam": float(lambdas[i]), "max_new": new_tokens} for i in order]
 
@@ -169,12 +181,11 @@ def step_costs(pair: ModelPair, slots: int, size: int) -> None:
         state["s"], *_ = decode(pair.instruct, pair.thinking, state["s"], cfg=pair.cfg, steps=1)
         return state["s"].token
 
-    piece = jnp.zeros((1, 64), jnp.int32)
+    piece = Pieces.greedy(jnp.zeros(1), jnp.zeros((1, 64)), jnp.zeros(1), stop_width=8)
 
-    def prefill():
-        state["s"], logits = prefill_chunk(pair.instruct, state["s"], jnp.zeros(1, jnp.int32), piece, jnp.zeros(1, jnp.int32),
-                                           jnp.full(1, 64, jnp.int32), cfg=pair.cfg, fresh=True)  # fmt: skip
-        return logits
+    def prefill_piece():
+        state["s"], token, _, _ = prefill(pair.instruct, state["s"], piece, cfg=pair.cfg, fresh=True)
+        return token
 
     theta = [dj.interpolate(pair.instruct, pair.thinking, 0.5)]
 
@@ -183,7 +194,7 @@ def step_costs(pair: ModelPair, slots: int, size: int) -> None:
         return theta[0]
 
     costs = {name: 1e3 * min(timed(fn)[1] for _ in range(3)) for name, fn in
-             (("plain step", plain), ("mixed step", mixed), ("prefill 64", prefill), ("interpolation", interpolation))}  # fmt: skip
+             (("plain step", plain), ("mixed step", mixed), ("prefill 64", prefill_piece), ("interpolation", interpolation))}  # fmt: skip
     print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items())
           + f"; mixed / plain step {costs['mixed step'] / costs['plain step']:.2f}x")  # fmt: skip
 
@@ -195,6 +206,8 @@ def engine_choices(pair: ModelPair, requests: Sequence[dict], slots: int, max_le
         "steps_per_call=2": dict(steps_per_call=2),
         "steps_per_call=8": dict(steps_per_call=8),
         "admission=group": dict(admission="group"),
+        "admission=lambda": dict(admission="lambda"),
+        "admission=lambda, theta_cache=1": dict(admission="lambda", theta_cache=1),
         "theta_cache=0": dict(theta_cache=0),
         "theta_cache=11": dict(theta_cache=11),
     }
@@ -208,41 +221,50 @@ def engine_choices(pair: ModelPair, requests: Sequence[dict], slots: int, max_le
               f"({stats.interpolation_s:.2f} s)")  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--toy-requests", type=int, default=160)
-    parser.add_argument("--toy-new-tokens", type=int, default=160)
-    parser.add_argument("--smollm2-requests", type=int, default=48)
-    parser.add_argument("--skip-smollm2", action="store_true", help="the toy pair only (no conversion, a few minutes less)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, float32, greedy")
-
+def toy(args: argparse.Namespace) -> None:
     pair = dj.load_toy_pair(dtype=np.float32)
-    requests = toy_workload(pair, args.toy_requests, args.toy_new_tokens, args.seed)
+    requests = toy_workload(pair, args.toy_requests, args.toy_new_tokens, args.seed, args.router)
     values, counts = np.unique([r["lam"] for r in requests], return_counts=True)
-    print("toy lambdas (DAMI-Conf): " + ", ".join(f"{v:g} x{c}" for v, c in zip(values, counts)))
+    print(f"toy lambdas ({'DAMI-Pref' if args.router else 'DAMI-Conf'}): " + ", ".join(f"{v:g} x{c}" for v, c in zip(values, counts)))
     max_len = max(len(r["prompt"]) for r in requests) + args.toy_new_tokens
-    report("toy pair, route-eval mix", requests, args.slots, max_len, toy_static(pair), pair, longest_row_steps)
-    print("\nthe engine's choices on the toy mix (useful tok/s against the defaults):")
+    report("toy pair, route-eval mix", requests, args.slots, max_len, toy_static(pair), pair, longest_row_steps, admission="lambda")
+    print("\nthe engine's choices on the toy mix (useful tok/s against the defaults; route-eval and dj.serve take admission=lambda):")
     engine_choices(pair, requests, args.slots, max_len)
     print("step costs, toy pair:")
     step_costs(pair, args.slots, max_len)
 
-    if args.skip_smollm2:
-        return
+
+def smollm2(args: argparse.Namespace) -> None:
     folder = smollm2_checkpoint()
     cfg, params = dj.load_checkpoint(folder, dtype=jnp.float32)
     tokenizer = load_tokenizer(folder)
-    smollm2 = ModelPair(cfg, params, params, {"instruct": tokenizer, "thinking": tokenizer}, {"instruct": str(folder), "thinking": str(folder)})
+    one_model = ModelPair(cfg, params, params, {"instruct": tokenizer, "thinking": tokenizer}, {"instruct": str(folder), "thinking": str(folder)})
     requests = smollm2_workload(tokenizer, args.smollm2_requests, args.seed)
     budgets = np.asarray([r["max_new"] for r in requests])
     print(f"\nSmolLM2 budgets: min {budgets.min()}, median {np.median(budgets):.0f}, mean {budgets.mean():.0f}, max {budgets.max()}")
     max_len = max(len(r["prompt"]) for r in requests) + int(budgets.max())
-    report("SmolLM2-135M, heavy-tailed budgets", requests, args.slots, max_len, smollm2_static(smollm2), smollm2, budget_steps)
+    report("SmolLM2-135M, heavy-tailed budgets", requests, args.slots, max_len, smollm2_static(one_model), one_model, budget_steps)
     print("step costs, SmolLM2-135M (both endpoints the same weights):")
-    step_costs(smollm2, args.slots, max_len)
+    step_costs(one_model, args.slots, max_len)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--router", help="a DAMI-Pref router folder: the toy mix at its lambdas (default: DAMI-Conf's)")
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--toy-requests", type=int, default=160)
+    parser.add_argument("--toy-new-tokens", type=int, default=160)
+    parser.add_argument("--smollm2-requests", type=int, default=96)
+    parser.add_argument("--workloads", nargs="+", choices=("toy", "smollm2"), default=["toy", "smollm2"],
+                        help="which workloads to run (toy: parts 1-2; smollm2: part 3)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, float32, greedy")
+
+    if "toy" in args.workloads:
+        toy(args)
+    if "smollm2" in args.workloads:
+        smollm2(args)
 
 
 if __name__ == "__main__":

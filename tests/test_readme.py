@@ -1,4 +1,4 @@
-"""The README's "Use" snippet runs as pasted, and the README names only commands that exist."""
+"""The README's "Use" snippets run as pasted, and the README names only commands that exist."""
 
 import re
 from pathlib import Path
@@ -8,10 +8,15 @@ from dami_jax import cli
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
 
-def test_use_snippet_runs_as_pasted(capsys):
-    (snippet,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    exec(compile(snippet, "README.md", "exec"), {})
-    assert "Answer: 92" in capsys.readouterr().out
+def test_use_snippets_run_as_pasted(capsys):
+    snippets = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
+    assert len(snippets) == 2  # the model, then the engine, in one session
+    namespace = {}
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "Answer: 92" in out
+    assert out.count(" stop ") + out.count(" length ") == 3  # the engine's three results
 
 
 def test_readme_commands_exist():

@@ -16,6 +16,21 @@ from dami_jax.models.params import Params, fingerprint
 from dami_jax.models.tokenizer import load_tokenizer
 
 
+# Whose chat template renders a prompt at lambda: "thinking" (it opens the think block, so closing
+# it measures when explicit thinking switches on), "instruct", or "nearest" (the closer endpoint's).
+TEMPLATES = ("thinking", "instruct", "nearest")
+
+
+def template_for(rule: str, lam: float) -> str:
+    """The endpoint ("instruct" or "thinking") whose chat template renders a prompt at ``lam``
+    under ``rule`` (one of :data:`TEMPLATES`): sweeps, route-eval and the HTTP server all use it."""
+    if rule not in TEMPLATES:
+        raise InputError(f"template must be one of {TEMPLATES}, got {rule!r}")
+    if rule == "nearest":
+        return "instruct" if lam < 0.5 else "thinking"
+    return rule
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelPair:
     cfg: ModelConfig

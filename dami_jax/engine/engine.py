@@ -13,7 +13,9 @@ a step with mixed lambdas runs every weight op on both endpoints, mixed per row
 (:mod:`dami_jax.models.rowmix`: twice the reads and FLOPs, but no model per lambda).
 ``admission="group"`` fills a free slot with the first waiting request whose lambda the busy
 slots share (looking ``GROUP_WINDOW`` requests ahead, and passing over the head of the queue at
-most ``GROUP_WINDOW`` times), so that more steps take the single-model path.
+most ``GROUP_WINDOW`` times), so that more steps take the single-model path; ``admission="lambda"``
+walks the waiting requests in lambda order (``dj.serve`` and route-eval, whose batches are known
+in advance), so that the slots share one lambda but at its boundaries.
 
 Use it from a notebook::
 
@@ -42,11 +44,11 @@ from dami_jax.dami.pair import ModelPair
 from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
 from dami_jax.decoding.generation import PROMPT_BUCKET
 from dami_jax.decoding.sampling import GREEDY, NO_TOP_K, Sampling
-from dami_jax.engine.steps import SlotRequest, SlotState, decode, insert, prefill_chunk
+from dami_jax.engine.steps import Pieces, SlotState, decode, prefill
 from dami_jax.engine.thetas import ThetaCache
 from dami_jax.errors import InputError
 
-ADMISSIONS = ("fifo", "group")
+ADMISSIONS = ("fifo", "group", "lambda")
 GROUP_WINDOW = 32  # how far down the queue admission="group" looks for a request of the busy lambda
 NO_STOP = -1
 
@@ -60,7 +62,7 @@ class Request:
     lam: float
     max_new_tokens: int
     sampling: Sampling
-    key: jax.Array  # one PRNG key (a fixed one when greedy and none was given: unused then)
+    key_data: np.ndarray  # its PRNG key's data (jax.random.key_data); a fixed key when greedy without one
     stop_tokens: tuple[int, ...]
     submitted: float  # time.perf_counter() at submit
 
@@ -110,7 +112,7 @@ class EngineStats:
     emitted_tokens: int = 0  # tokens that went to a request (slot-steps that carried a real token)
     prefill_pieces: int = 0
     prefill_tokens: int = 0  # real prompt tokens prefilled
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0  # measured with Engine(profile=True) only
     decode_s: float = 0.0
     interpolations: int = 0
     interpolation_s: float = 0.0
@@ -127,7 +129,8 @@ class _Running:
     """A request in a slot: prefilling (``offset`` < prompt length) or decoding."""
 
     request: Request
-    offset: int = 0
+    offset: int = 0  # prompt tokens prefilled
+    generated: int = 0  # tokens generated on the device, some perhaps not read back yet
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     first_token: float | None = None
@@ -147,8 +150,12 @@ class Engine:
     ``steps_per_call``: decode steps per host round trip (fewer when a slot's budget ends sooner).
     ``prefill_chunk``: prompt tokens prefilled per engine step (and per piece).
     ``theta_cache``: interpolated thetas kept (the endpoints are free).
-    ``admission``: "fifo", or "group" (see the module docstring).
+    ``admission``: "fifo"; "group" (prefer the busy slots' lambda); or "lambda" (walk the queue in
+    lambda order, for batches known in advance). See the module docstring.
     ``max_stop_tokens``: stop ids a request may give.
+    ``profile``: wait for the device after each prefill and decode call, so that
+    ``stats.prefill_s`` and ``stats.decode_s`` split the time (otherwise they stay 0, and the host
+    prepares the next call while the device computes).
     ``cache``: the engine runs on its own per-slot dense cache; a TailorKV cache is refused.
     """
 
@@ -164,6 +171,7 @@ class Engine:
         admission: str = "fifo",
         max_stop_tokens: int = 8,
         extrapolate: bool = False,
+        profile: bool = False,
         cache: CacheConfig = DenseCacheConfig(),
     ):
         if not isinstance(cache, DenseCacheConfig):
@@ -185,7 +193,7 @@ class Engine:
             raise InputError(f"admission: must be one of {ADMISSIONS}, got {admission!r}")
         self.pair, self.cfg = pair, cfg
         self.slots, self.steps_per_call, self.prefill_chunk, self.admission = slots, steps_per_call, prefill_chunk, admission
-        self.extrapolate = extrapolate
+        self.extrapolate, self.profile = extrapolate, profile
         self.context = min(max_len, cfg.max_position_embeddings)  # prompt + generated tokens per request
         size = -(-max_len // PROMPT_BUCKET) * PROMPT_BUCKET  # a padded last prompt piece always fits its row
         dtype = jax.tree.leaves(pair.instruct)[0].dtype
@@ -196,7 +204,7 @@ class Engine:
         self._passed_over = 0  # admissions that went past the head of the queue (admission="group")
         self._ids = itertools.count()
         self._greedy_key = jax.random.key(0)  # what a greedy request without a key carries (never drawn from)
-        self._started = time.perf_counter()
+        self._born = time.perf_counter()
         self.stats = EngineStats(slots)
 
     # ------------------------------------------------------------------ requests
@@ -235,7 +243,10 @@ class Engine:
         if len(prompt) + max_new_tokens > self.context:
             raise InputError(f"max_new_tokens: the prompt's {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceed "
                              f"the engine's context of {self.context} tokens per request")  # fmt: skip
-        lam = float(lam)
+        try:
+            lam = float(lam)
+        except (TypeError, ValueError):
+            raise InputError(f"lam: must be a number, got {lam!r}") from None
         if not math.isfinite(lam) or (not self.extrapolate and not 0.0 <= lam <= 1.0):
             raise InputError(f"lam: {lam} is outside [0, 1]" + ("" if math.isfinite(lam) else " (not finite)"))
         if not isinstance(sampling, Sampling):
@@ -246,11 +257,14 @@ class Engine:
             key = self._greedy_key
         elif not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()):
             raise InputError(f"key: need one PRNG key (jax.random.key(seed)), got {key.dtype} {key.shape}")
+        elif str(jax.random.key_impl(key)) != str(jax.random.key_impl(self._greedy_key)):
+            raise InputError(f"key: a {jax.random.key_impl(key)} key; the engine carries {jax.random.key_impl(self._greedy_key)} keys")
         stop = cfg.eos_token_ids if stop_tokens is None else tuple(int(t) for t in stop_tokens)
         width = self._state.stop.shape[1]
         if len(stop) > width:
             raise InputError(f"stop_tokens: {len(stop)} ids, more than the engine's max_stop_tokens={width}")
-        return Request(next(self._ids), prompt, lam, int(max_new_tokens), sampling, key, tuple(stop), time.perf_counter())
+        key_data = np.asarray(jax.random.key_data(key))
+        return Request(next(self._ids), prompt, lam, int(max_new_tokens), sampling, key_data, tuple(stop), time.perf_counter())
 
     def cancel(self, request_id: int) -> Result | None:
         """Drop a waiting or running request (its slot is free for the next step); returns its
@@ -282,11 +296,15 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests into free slots, prefill up to ``prefill_chunk`` prompt tokens,
-        then run one decode call for the busy slots. Returns what happened, request by request."""
+        then run one decode call for the busy slots (those just prefilled included). Returns what
+        happened, request by request. The device work is dispatched first and read back once."""
         self._admit()
-        events = self._prefill()
-        if any(r is not None and not r.prefilling for r in self._running):
-            events += self._decode()
+        started = self._prefill()
+        decoded = self._decode()
+        started, decoded = jax.device_get((started, decoded))
+        events = [event for group in started for event in self._started(*group)]
+        if decoded is not None:
+            events += self._decoded(*decoded)
         return events
 
     def stream(self) -> Iterator[TokenEvent]:
@@ -319,9 +337,15 @@ class Engine:
                 self._running[slot] = _Running(self._next_request())
 
     def _next_request(self) -> Request:
-        """The head of the queue; under ``admission="group"``, the first of the next
+        """The head of the queue. Under ``admission="group"``, the first of the next
         ``GROUP_WINDOW`` whose lambda the busy slots share, unless the head has already been
-        passed over ``GROUP_WINDOW`` times (so nothing waits for ever)."""
+        passed over ``GROUP_WINDOW`` times (so nothing waits for ever). Under
+        ``admission="lambda"``, the earliest request of the least waiting lambda: the slots walk
+        the lambdas in order, as a batch known in advance allows (it ignores arrival order)."""
+        if self.admission == "lambda":
+            request = min(self._waiting, key=lambda r: (r.lam, r.id))
+            self._waiting.remove(request)
+            return request
         if self.admission == "group" and self._passed_over < GROUP_WINDOW:
             busy = {r.request.lam for r in self._running if r is not None}
             if len(busy) == 1 and self._waiting[0].lam not in busy:
@@ -333,12 +357,14 @@ class Engine:
         self._passed_over = 0
         return self._waiting.popleft()
 
-    def _prefill(self) -> list[TokenEvent]:
-        """One piece of each prefilling prompt, oldest request first, within one budget of
-        ``prefill_chunk`` tokens; the pieces of one lambda and one padded width run as one batch
-        (padded to a power of two rows), first pieces apart from later ones. A piece that leaves part of its prompt for a later step
-        ends on a ``PROMPT_BUCKET`` boundary, so that every piece, padded, fits its row."""
-        pieces: dict[tuple[float, int, bool], list[tuple[int, _Running, int]]] = {}
+    def _prefill(self) -> list[tuple]:
+        """Dispatch one piece of each prefilling prompt, oldest request first, within one budget
+        of ``prefill_chunk`` tokens; the pieces of one lambda and one padded width run as one
+        batch (padded to a power of two rows), first pieces apart from later ones. A piece that
+        leaves part of its prompt for a later step ends on a ``PROMPT_BUCKET`` boundary, so that
+        every piece, padded, fits its row. Returns, per batch, (the requests it started, with
+        their rows; first tokens, log-probs, finished flags) for :meth:`_started`."""
+        groups: dict[tuple[float, int, bool], list[tuple[int, _Running, int]]] = {}
         budget = self.prefill_chunk
         for _, slot in sorted((r.request.id, slot) for slot, r in enumerate(self._running) if r is not None and r.prefilling):
             running = self._running[slot]
@@ -349,30 +375,51 @@ class Engine:
             if real == 0:
                 break
             width = -(-real // PROMPT_BUCKET) * PROMPT_BUCKET
-            pieces.setdefault((running.request.lam, width, running.offset == 0), []).append((slot, running, real))
+            groups.setdefault((running.request.lam, width, running.offset == 0), []).append((slot, running, real))
             budget -= real
-        if not pieces:
-            return []
-        events, started = [], time.perf_counter()
-        for (lam, width, fresh), group in pieces.items():
-            rows = 1 << (len(group) - 1).bit_length()
-            slots = np.full(rows, self.slots, np.int32)  # past the last slot: padding rows, dropped
-            tokens = np.full((rows, width), self.cfg.pad_token_id, np.int32)
-            offset, real = np.zeros(rows, np.int32), np.ones(rows, np.int32)
-            for i, (slot, running, count) in enumerate(group):
-                slots[i], offset[i], real[i] = slot, running.offset, count
-                tokens[i, :count] = running.request.prompt[running.offset : running.offset + count]
-                running.offset += count
-            self._state, logits = prefill_chunk(self._theta(lam), self._state, jnp.asarray(slots), jnp.asarray(tokens),
-                                                jnp.asarray(offset), jnp.asarray(real), cfg=self.cfg, fresh=fresh)  # fmt: skip
+        started, clock = [], time.perf_counter()
+        for (lam, width, fresh), group in groups.items():
+            pieces = self._pieces(group, width)
+            self._state, *first = prefill(self._theta(lam), self._state, pieces, cfg=self.cfg, fresh=fresh)
             self.stats.prefill_pieces += len(group)
-            self.stats.prefill_tokens += int(real[: len(group)].sum())
-            done = [(i, slot, running) for i, (slot, running, _) in enumerate(group) if not running.prefilling]
-            if done:
-                events += self._start(done, logits, rows)
-        jax.block_until_ready(self._state.cache.length)
-        self.stats.prefill_s += time.perf_counter() - started
-        return events
+            self.stats.prefill_tokens += sum(real for _, _, real in group)
+            done = []
+            for row, (slot, running, real) in enumerate(group):
+                running.offset += real
+                if not running.prefilling:
+                    running.generated = 1
+                    done.append((row, slot, running))
+            started.append((done, *first))
+        if groups and self.profile:
+            jax.block_until_ready(self._state.cache.length)
+            self.stats.prefill_s += time.perf_counter() - clock
+        return started
+
+    def _pieces(self, group: list[tuple[int, _Running, int]], width: int) -> Pieces:
+        """The host arrays of one prefill batch (padding rows copy the first row, slot past the last)."""
+        rows = 1 << (len(group) - 1).bit_length()
+        entries = group + [(self.slots, group[0][1], group[0][2])] * (rows - len(group))
+        tokens = np.full((rows, width), self.cfg.pad_token_id, np.int32)
+        stop = np.full((rows, self._state.stop.shape[1]), NO_STOP, np.int32)
+        for i, (_, running, real) in enumerate(entries):
+            tokens[i, :real] = running.request.prompt[running.offset : running.offset + real]
+            stop[i, : len(running.request.stop_tokens)] = running.request.stop_tokens
+        requests = [running.request for _, running, _ in entries]
+
+        def column(values, dtype) -> np.ndarray:
+            return np.asarray(list(values), dtype)
+
+        return Pieces(
+            slot=column((slot for slot, _, _ in entries), np.int32), tokens=tokens,
+            offset=column((running.offset for _, running, _ in entries), np.int32),
+            real=column((real for _, _, real in entries), np.int32),
+            starts=column((running.offset + real == len(running.request.prompt) for _, running, real in entries), bool),
+            key_data=np.stack([r.key_data for r in requests]), lam=column((r.lam for r in requests), np.float32),
+            temperature=column((r.sampling.temperature for r in requests), np.float32),
+            top_k=column((r.sampling.top_k or NO_TOP_K for r in requests), np.int32),
+            top_p=column((1.0 if r.sampling.top_p is None else r.sampling.top_p for r in requests), np.float32),
+            stop=stop, max_new=column((r.max_new_tokens for r in requests), np.int32),
+        )  # fmt: skip
 
     def _theta(self, lam: float):
         before = self._thetas.interpolation_s
@@ -381,62 +428,60 @@ class Engine:
         self.stats.interpolation_s += self._thetas.interpolation_s - before
         return theta
 
-    def _start(self, done: list[tuple[int, int, _Running]], logits: jax.Array, rows: int) -> list[TokenEvent]:
-        """Start the requests whose prompts are prefilled (``done``: their row in ``logits``
-        [rows, V], slot, request) with their first tokens; the other rows are dropped."""
-        slots = np.full(rows, self.slots, np.int32)
-        stop = np.full((rows, self._state.stop.shape[1]), NO_STOP, np.int32)
-        fields = {name: np.zeros(rows, dtype) for name, dtype in
-                  (("lam", np.float32), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("max_new", np.int32))}  # fmt: skip
-        keys = [done[0][2].request.key] * rows
-        for i, slot, running in done:
-            request, sampling = running.request, running.request.sampling
-            slots[i], keys[i] = slot, request.key
-            stop[i, : len(request.stop_tokens)] = request.stop_tokens
-            for name, value in (("lam", request.lam), ("temperature", sampling.temperature), ("top_k", sampling.top_k or NO_TOP_K),
-                                ("top_p", 1.0 if sampling.top_p is None else sampling.top_p), ("max_new", request.max_new_tokens)):  # fmt: skip
-                fields[name][i] = value
-        requests = SlotRequest(key=jnp.stack(keys), stop=jnp.asarray(stop), **{k: jnp.asarray(v) for k, v in fields.items()})
-        self._state, tokens, logprobs, finished = insert(self._state, jnp.asarray(slots), logits, requests)
-        tokens, logprobs, finished = jax.device_get((tokens, logprobs, finished))
+    def _started(self, done: list[tuple[int, int, _Running]], tokens: np.ndarray, logprobs: np.ndarray, finished: np.ndarray) -> list[TokenEvent]:
+        """Events for requests whose first token came back (``done``: their row, slot, request)."""
         now, events = time.perf_counter(), []
-        for i, slot, running in done:
-            running.tokens.append(int(tokens[i]))
-            running.logprobs.append(float(logprobs[i]))
+        for row, slot, running in done:
+            token = int(tokens[row])
+            running.tokens.append(token)
+            running.logprobs.append(float(logprobs[row]))
             running.first_token = now
-            if finished[i]:
+            result = None
+            if finished[row]:
                 self._running[slot] = None
-                events.append(TokenEvent(running.request.id, (int(tokens[i]),), self._result(running, self._reason(running))))
-            else:
-                events.append(TokenEvent(running.request.id, (int(tokens[i]),)))
+                result = self._result(running, self._reason(running))
+            events.append(TokenEvent(running.request.id, (token,), result))
         return events
 
-    def _decode(self) -> list[TokenEvent]:
-        decoding = [r for r in self._running if r is not None and not r.prefilling]
-        left = min(r.request.max_new_tokens - len(r.tokens) for r in decoding)
-        steps = 1 << (min(self.steps_per_call, left).bit_length() - 1)  # a power of two: few compilations
-        lambdas = {r.request.lam for r in decoding}
-        started = time.perf_counter()
+    def _decode(self) -> tuple | None:
+        """Dispatch one decode call of up to ``steps_per_call`` steps (a power of two: few
+        compilations; fewer when a busy slot's budget ends sooner) for the slots past prefill.
+        Returns what :meth:`_decoded` needs, or None when no slot decodes."""
+        decoding = [(slot, r) for slot, r in enumerate(self._running)
+                    if r is not None and not r.prefilling and r.generated < r.request.max_new_tokens]  # fmt: skip
+        if not decoding:
+            return None
+        left = min(r.request.max_new_tokens - r.generated for _, r in decoding)
+        steps = 1 << (min(self.steps_per_call, left).bit_length() - 1)
+        lambdas = {r.request.lam for _, r in decoding}
+        clock = time.perf_counter()
         if len(lambdas) == 1:
-            params, second = self._theta(next(iter(lambdas))), None
+            params, other = self._theta(next(iter(lambdas))), None
         else:
-            params, second = self.pair.instruct, self.pair.thinking
+            params, other = self.pair.instruct, self.pair.thinking
             self.stats.mixed_steps += steps
-        self._state, tokens, logprobs, emitted = decode(params, second, self._state, cfg=self.cfg, steps=steps)
-        tokens, logprobs, emitted, active = jax.device_get((tokens, logprobs, emitted, self._state.active))
-        now = time.perf_counter()
-        self.stats.decode_s += now - started
+        self._state, tokens, logprobs, emitted = decode(params, other, self._state, cfg=self.cfg, steps=steps)
+        if self.profile:
+            jax.block_until_ready(tokens)
+            self.stats.decode_s += time.perf_counter() - clock
         self.stats.decode_calls += 1
         self.stats.decode_steps += steps
+        self.stats.timeline.append((clock - self._born, len(decoding), steps))
+        return [slot for slot, _ in decoding], tokens, logprobs, emitted, self._state.active
+
+    def _decoded(self, slots: list[int], tokens: np.ndarray, logprobs: np.ndarray, emitted: np.ndarray, active: np.ndarray) -> list[TokenEvent]:
+        """Events for the tokens one decode call produced (tokens, log-probs, emitted [steps, B])."""
         self.stats.emitted_tokens += int(emitted.sum())
-        self.stats.timeline.append((now - self._started, len(decoding), steps))
         events = []
-        for slot, running in enumerate(self._running):
-            if running is None or running.prefilling:
+        for slot in slots:
+            running = self._running[slot]
+            if running is None:  # finished at its first token, in the same step
                 continue
-            new = tokens[emitted[:, slot], slot].tolist()
+            mine = emitted[:, slot]
+            new = tokens[mine, slot].tolist()
             running.tokens += new
-            running.logprobs += logprobs[emitted[:, slot], slot].tolist()
+            running.logprobs += logprobs[mine, slot].tolist()
+            running.generated += len(new)
             if not active[slot]:
                 self._running[slot] = None
                 events.append(TokenEvent(running.request.id, tuple(new), self._result(running, self._reason(running))))

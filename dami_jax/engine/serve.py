@@ -60,7 +60,9 @@ def serve(
     prompt, or one per prompt [B]; either way a row's tokens depend on its own key only.
     ``stop_tokens``: shared or per prompt (default: the pair's EOS ids). ``slots``: default
     :func:`default_slots`. ``engine_options``: the engine's other settings (``steps_per_call``,
-    ``theta_cache``, ``admission``, ...). Every argument and prompt is checked before any work.
+    ``theta_cache``, ...); ``admission`` defaults to ``"lambda"`` here (every prompt is known up
+    front, so the slots may walk the lambdas in order). Every argument and prompt is checked
+    before any work.
     """
     count = len(prompts)
     if count == 0:
@@ -72,6 +74,7 @@ def serve(
     max_len = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET + max(int(b) for b in budgets)
     max_len = min(max_len, pair.cfg.max_position_embeddings)
     slots = default_slots(pair, count, max_len) if slots is None else slots
+    engine_options.setdefault("admission", "lambda")
     engine = Engine(pair, slots=slots, max_len=max_len, extrapolate=extrapolate, cache=cache, **engine_options)
     for i, prompt in enumerate(prompts):
         try:

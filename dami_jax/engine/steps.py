@@ -1,7 +1,7 @@
-"""The engine's device side: the slots' state and the three jitted operations on it.
+"""The engine's device side: the slots' state and the two jitted operations on it.
 
-- :func:`prefill_chunk`: run one piece of each of several prompts into their slots' cache rows;
-- :func:`insert`: pick each request's first token from its prefill logits and start its slot;
+- :func:`prefill`: run a piece of each of several prompts into their slots' cache rows, and
+  where a prompt is done, pick its first token and start its slot;
 - :func:`decode`: ``steps`` decode steps for every slot at once (one ``lax.scan``).
 
 Every per-request setting (lambda, sampling, key, stop ids, budget) is data in
@@ -59,16 +59,35 @@ class SlotState:
 
 
 @flax.struct.dataclass
-class SlotRequest:
-    """n requests' settings as the arrays :func:`insert` writes into their slots."""
+class Pieces:
+    """n prompt pieces for :func:`prefill`, one per row, each with its request's settings (read
+    where the piece ends its prompt and so starts the request)."""
 
-    key: jax.Array  # PRNG keys [n]
+    slot: jax.Array  # int32 [n]: the row's slot; past the last slot, a padding row (computed, then dropped)
+    tokens: jax.Array  # int32 [n, C]: the piece, padded after its ``real`` tokens
+    offset: jax.Array  # int32 [n]: prompt tokens already in the slot's row
+    real: jax.Array  # int32 [n]
+    starts: jax.Array  # bool [n]: the piece ends its prompt
+    key_data: jax.Array  # uint32 [n, ...]: the request's PRNG key, as jax.random.key_data gives it
     lam: jax.Array  # float32 [n]
     temperature: jax.Array  # float32 [n]
     top_k: jax.Array  # int32 [n]
     top_p: jax.Array  # float32 [n]
     stop: jax.Array  # int32 [n, K]
     max_new: jax.Array  # int32 [n]
+
+    @classmethod
+    def greedy(cls, slots: jax.Array, tokens: jax.Array, offset: jax.Array, stop_width: int, max_new: int = 16) -> "Pieces":
+        """Whole rows of ``tokens`` [n, C] that end greedy requests' prompts (at lambda 0, no stop
+        ids): the plainest input of :func:`prefill`, for timing and compile checks."""
+        n = tokens.shape[0]
+        return cls(
+            slot=jnp.asarray(slots, jnp.int32), tokens=jnp.asarray(tokens, jnp.int32), offset=jnp.asarray(offset, jnp.int32),
+            real=jnp.full((n,), tokens.shape[1], jnp.int32), starts=jnp.ones((n,), bool),
+            key_data=jax.random.key_data(jax.random.split(jax.random.key(0), n)), lam=jnp.zeros((n,), jnp.float32),
+            temperature=jnp.zeros((n,), jnp.float32), top_k=jnp.zeros((n,), jnp.int32), top_p=jnp.ones((n,), jnp.float32),
+            stop=jnp.full((n, stop_width), -1, jnp.int32), max_new=jnp.full((n,), max_new, jnp.int32),
+        )  # fmt: skip
 
 
 def _pick(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -81,41 +100,38 @@ def _pick(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax
 
 
 @partial(jax.jit, static_argnames=("cfg", "fresh"), donate_argnames="state")
-def prefill_chunk(params: Params, state: SlotState, slots: jax.Array, tokens: jax.Array, offset: jax.Array, real: jax.Array,
-                  *, cfg: ModelConfig, fresh: bool) -> tuple[SlotState, jax.Array]:  # fmt: skip
-    """Run a piece of each of n prompts into its slot's row: ``tokens`` int32 [n, C] (row i's
-    first ``real[i]`` are real, the rest padding) after the row's first ``offset[i]`` tokens;
-    ``slots`` int32 [n] (a slot index past the last slot pads the batch: computed, then dropped).
-    Returns (state, next-token logits float32 [n, V] after each row's last real token). The
-    padding's K/V land past the row's new length, masked until decode overwrites them.
+def prefill(params: Params, state: SlotState, pieces: Pieces, *, cfg: ModelConfig, fresh: bool
+            ) -> tuple[SlotState, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """Run each piece into its slot's row after the row's first ``offset`` tokens; where a piece
+    ends its prompt, pick the request's first token from the logits after its last real token
+    and start the slot. Returns (state, tokens int32 [n], log-probs float32 [n], finished bool
+    [n]: done at its first token), meaningful where ``pieces.starts``. The padding's K/V land past
+    the row's new length, masked until decode overwrites them.
 
     ``fresh``: every offset is 0 (a prompt's first piece). The piece then attends within a
     cache of its own C slots, which is copied into the rows' first C slots, instead of reading
     whole rows out of the engine's cache and attending over all of them (a third less time for
     short prompts on a small model)."""
     if fresh:
-        rows = SlotKVCache.create(cfg, tokens.shape[0], tokens.shape[1], state.cache.k[0].dtype)
+        rows = SlotKVCache.create(cfg, pieces.tokens.shape[0], pieces.tokens.shape[1], state.cache.k[0].dtype)
     else:
-        rows = state.cache.rows(slots).replace(length=offset)
-    hidden, rows = decoder(params, cfg, tokens, rows)
-    last = jnp.take_along_axis(hidden, (real - 1)[:, None, None], axis=1)[:, 0]
-    cache = state.cache.with_rows(slots, rows.replace(length=offset + real))
-    return state.replace(cache=cache), lm_logits(params, last)
+        rows = state.cache.rows(pieces.slot).replace(length=pieces.offset)
+    hidden, rows = decoder(params, cfg, pieces.tokens, rows)
+    last = jnp.take_along_axis(hidden, (pieces.real - 1)[:, None, None], axis=1)[:, 0]
+    cache = state.cache.with_rows(pieces.slot, rows.replace(length=pieces.offset + pieces.real))
+    key, token, logprob = _pick(lm_logits(params, last), jax.random.wrap_key_data(pieces.key_data), pieces.temperature,
+                                pieces.top_k, pieces.top_p)  # fmt: skip
+    finished = jnp.any(token[:, None] == pieces.stop, axis=-1) | (pieces.max_new <= 1)
+    starting = jnp.where(pieces.starts, pieces.slot, state.token.shape[0])  # the others are dropped
 
+    def put(field: str, value: jax.Array) -> jax.Array:
+        return getattr(state, field).at[starting].set(value, mode="drop")
 
-@partial(jax.jit, donate_argnames="state")
-def insert(state: SlotState, slots: jax.Array, logits: jax.Array, requests: SlotRequest) -> tuple[SlotState, jax.Array, jax.Array, jax.Array]:
-    """Start n prefilled ``requests`` (fields with a leading [n]) in ``slots`` int32 [n], each
-    with its first token picked from its ``logits`` [n, V]; a slot index past the last slot is
-    dropped. Returns (state, tokens [n], log-probs [n], finished bool [n]: already done)."""
-    key, token, logprob = _pick(logits, requests.key, requests.temperature, requests.top_k, requests.top_p)
-    finished = jnp.any(token[:, None] == requests.stop, axis=-1) | (requests.max_new <= 1)
-    put = lambda field, value: getattr(state, field).at[slots].set(value, mode="drop")  # noqa: E731
     state = state.replace(
-        token=put("token", token), key=put("key", key), lam=put("lam", requests.lam),
-        temperature=put("temperature", requests.temperature), top_k=put("top_k", requests.top_k),
-        top_p=put("top_p", requests.top_p), stop=put("stop", requests.stop), generated=put("generated", jnp.ones_like(token)),
-        max_new=put("max_new", requests.max_new), active=put("active", ~finished),
+        cache=cache, token=put("token", token), key=put("key", key), lam=put("lam", pieces.lam),
+        temperature=put("temperature", pieces.temperature), top_k=put("top_k", pieces.top_k),
+        top_p=put("top_p", pieces.top_p), stop=put("stop", pieces.stop), generated=put("generated", jnp.ones_like(token)),
+        max_new=put("max_new", pieces.max_new), active=put("active", ~finished),
     )  # fmt: skip
     return state, token, logprob, finished
 

@@ -1,5 +1,6 @@
 """Every figure dami-jax saves: the sweep's accuracy-vs-tokens frontier, the path diagnostics, the
-TailorKV layer profile, cache costs and the needle-in-a-haystack heat maps and per-length lines.
+TailorKV layer profile, cache costs, the needle-in-a-haystack heat maps and per-length lines, and
+the engine's slot occupancy.
 
 Figures are built with matplotlib's object API (``Figure``, no pyplot), so saving a plot never
 switches the backend of a notebook or leaves a figure open; :func:`save_figure` writes atomically.
@@ -138,6 +139,28 @@ def plot_profile(profile: LayerProfile, path: str | Path) -> Path:
     ax.set_title(f"TailorKV dense preference: {profile.model or 'model'} ({profile.num_tokens} tokens)", fontsize=10)
     ax.grid(axis="y", alpha=0.3, zorder=0)
     return save_figure(fig, path, dpi=120)
+
+
+def plot_occupancy(runs: dict[str, tuple[Sequence[tuple[float, int, int]], int]], path: str | Path,
+                   title: str = "Slot occupancy") -> Path:  # fmt: skip
+    """Busy slots at every decode step, one line per run: ``runs`` maps a label to (timeline,
+    slots), a timeline being :class:`dami_jax.engine.engine.EngineStats`' (seconds, busy slots,
+    steps) per decode call; dashed lines mark each run's slot count. Steps, not seconds, on the
+    x axis: compilations would otherwise show as idle stretches."""
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.add_subplot()
+    for (label, (timeline, slots)), color in zip(runs.items(), ("C0", "C1", "C2", "C3")):
+        steps = np.cumsum([0] + [n for _, _, n in timeline])
+        busy = [b for _, b, _ in timeline]
+        ax.stairs(busy, steps, color=color, label=label)
+        ax.axhline(slots, color=color, linestyle="--", linewidth=0.8)
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("busy slots")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend(loc="lower center")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_cache_costs(costs: Sequence[dict[str, Any]], path: str | Path, title: str = "KV cache cost") -> Path:

@@ -123,7 +123,7 @@ class _Evaluation:
         sweep = self.config.sweep
         prompts = [prompt_tokens(self.pair.tokenizers[sweep.template_for(lam)], p, sweep.style) for p, lam in zip(problems, lambdas)]
         keys = None if sweep.sampling.greedy else jnp.concatenate([record_keys(sweep.seed, lam, [p.id]) for p, lam in zip(problems, lambdas)])
-        engine = sweep_engine(self.pair, prompts, sweep)
+        engine = sweep_engine(self.pair, prompts, sweep, admission="lambda")  # the whole batch is known: lambda order
         lambda_of = {p.id: float(lam) for p, lam in zip(problems, lambdas)}
         answers = answer_on_engine(engine, self.pair.tokenizers["thinking"], problems, prompts, lambdas,
                                    max_new_tokens=sweep.max_new_tokens, sampling=sweep.sampling, keys=keys)  # fmt: skip

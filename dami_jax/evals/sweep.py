@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
-from dami_jax.dami.pair import ModelPair
+from dami_jax.dami.pair import TEMPLATES, ModelPair, template_for
 from dami_jax.decoding.generation import PROMPT_BUCKET
 from dami_jax.decoding.sampling import GREEDY, Sampling
 from dami_jax.engine.engine import Engine
@@ -28,7 +28,6 @@ from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.records import ResultsFolder, StaleResultsError
 
 DEFAULT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
-TEMPLATES = ("thinking", "instruct", "nearest")
 STYLES = ("boxed", "toy")
 RECORDS_FILE = "records.jsonl"
 
@@ -38,10 +37,7 @@ class SweepConfig:
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     max_new_tokens: int = 256
     batch_size: int = 16
-    # Whose chat template renders the prompt at every lambda (ours): "thinking" (default; it opens
-    # the think block, so closing it measures when explicit thinking switches on), "instruct", or
-    # "nearest" (the template of the closer endpoint).
-    template: str = "thinking"
+    template: str = "thinking"  # whose chat template renders each lambda's prompt (dami_jax.dami.pair.TEMPLATES)
     sampling: Sampling = GREEDY
     seed: int = 0
     style: str = "boxed"  # prompt style (dami_jax.evals.prompts.math_prompt): "boxed", or "toy" for the toy pair
@@ -62,9 +58,7 @@ class SweepConfig:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} must be >= 1")
 
     def template_for(self, lam: float) -> str:
-        if self.template == "nearest":
-            return "instruct" if lam < 0.5 else "thinking"
-        return self.template
+        return template_for(self.template, lam)
 
     def settings(self) -> dict[str, Any]:
         """What changes a record besides the models (the lambda grid and batch size do not)."""
@@ -88,12 +82,12 @@ def record_keys(seed: int, lam: float, problem_ids: Sequence[str]) -> jax.Array:
     return jax.vmap(lambda d: jax.random.fold_in(jax.random.key(seed), d))(data)
 
 
-def sweep_engine(pair: ModelPair, prompts: Iterable[Sequence[int]], config: SweepConfig) -> Engine:
+def sweep_engine(pair: ModelPair, prompts: Iterable[Sequence[int]], config: SweepConfig, admission: str = "fifo") -> Engine:
     """The engine a sweep (or route-eval) answers on: ``config.batch_size`` slots, rows just long
     enough for the longest of ``prompts`` and the token budget."""
     longest = max((len(p) for p in prompts), default=1)
     max_len = min(pair.cfg.max_position_embeddings, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET + config.max_new_tokens)
-    return Engine(pair, slots=config.batch_size, max_len=max_len, extrapolate=config.extrapolate)
+    return Engine(pair, slots=config.batch_size, max_len=max_len, extrapolate=config.extrapolate, admission=admission)
 
 
 def _key(record: dict[str, Any]) -> tuple[float, str]:

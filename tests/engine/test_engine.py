@@ -15,8 +15,9 @@ import dami_jax as dj
 from dami_jax.dami.serving import serve_static
 from dami_jax.decoding.sampling import sample_rows, sample_tokens
 from dami_jax.engine.engine import Engine
-from dami_jax.engine.steps import SlotState, decode, prefill_chunk
+from dami_jax.engine.steps import Pieces, SlotState, decode, prefill
 from dami_jax.errors import InputError
+from dami_jax.evals.plots import plot_occupancy
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.models.config import ModelConfig
 from dami_jax.toy.evaluation import toy_problems
@@ -52,7 +53,7 @@ def expected(pair, stream):
     return [alone(pair, p, lam, n).token_lists()[0] for p, lam, n in stream]
 
 
-def test_a_stream_through_four_slots_equals_each_prompt_alone(pair, stream, expected):
+def test_a_stream_through_four_slots_equals_each_prompt_alone(pair, stream, expected, tmp_path):
     engine = Engine(pair, slots=4, max_len=192)
     ids = [engine.submit(p, lam=lam, max_new_tokens=n) for p, lam, n in stream]
     results = engine.run()
@@ -65,11 +66,15 @@ def test_a_stream_through_four_slots_equals_each_prompt_alone(pair, stream, expe
     assert 0 < stats.mixed_steps < stats.decode_steps  # both the mixed and the single-theta path ran
     assert stats.emitted_tokens == sum(len(r.tokens) - 1 for r in results)  # the first token comes from prefill
     assert stats.occupancy > 0.5
+    assert sum(steps for _, _, steps in stats.timeline) == stats.decode_steps
+    assert plot_occupancy({"4 slots": (stats.timeline, 4)}, tmp_path / "occupancy.png").stat().st_size > 0
     reference = alone(pair, stream[0][0], stream[0][1], stream[0][2])
     np.testing.assert_allclose(results[0].logprobs, np.asarray(reference.logprobs)[0, : len(results[0].tokens)], atol=1e-4)
 
 
-@pytest.mark.parametrize("options", [dict(steps_per_call=1), dict(steps_per_call=8, admission="group"), dict(theta_cache=0)])
+@pytest.mark.parametrize(
+    "options", [dict(steps_per_call=1), dict(steps_per_call=8, admission="group"), dict(theta_cache=0, admission="lambda")]
+)
 def test_engine_settings_change_the_schedule_not_the_tokens(pair, stream, expected, options):
     engine = Engine(pair, slots=3, max_len=192, **options)
     for p, lam, n in stream[:15]:
@@ -205,11 +210,11 @@ def test_engine_steps_update_the_donated_cache_in_place(batch, num_kv_heads):
     with jax.default_device(jax.devices("cpu")[0]):
         params = dj.init_params(cfg, jax.random.key(0))
         state = SlotState.create(cfg, batch, size, 4, jnp.float32)
-        lowered = {
+        lowered = {  # a slot index past the last one: a padding row
             "decode": decode.lower(params, None, state, cfg=cfg, steps=4),
             "mixed decode": decode.lower(params, params, state, cfg=cfg, steps=1),
-            "prefill": prefill_chunk.lower(params, state, jnp.asarray([0, batch]), jnp.zeros((2, 32), jnp.int32),
-                                           jnp.zeros(2, jnp.int32), jnp.full(2, 5, jnp.int32), cfg=cfg, fresh=False),  # fmt: skip
+            "prefill": prefill.lower(params, state, Pieces.greedy([0, batch], jnp.zeros((2, 32)), [3, 0], 4), cfg=cfg, fresh=False),
+            "first prefill": prefill.lower(params, state, Pieces.greedy([0, batch], jnp.zeros((2, 32)), [0, 0], 4), cfg=cfg, fresh=True),
         }
         cache_shape = rf"f32\[{batch},{num_kv_heads},{size},{cfg.head_dim}\]"
         for name, step in lowered.items():

@@ -1,0 +1,94 @@
+"""``dami-jax serve``: the OpenAI-compatible HTTP server (:mod:`dami_jax.server`) on the engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from dami_jax.cli.common import DTYPES, TEMPLATES, Command, UsageError, nonnegative_int, pair_from, positive_float, positive_int
+
+PORTS = range(0, 65536)
+
+
+def _effort_map(path: str | None) -> dict[str, float] | None:
+    """--effort-map: a JSON object {minimal, low, medium, high} or a route-eval summary.json."""
+    from dami_jax.server.intensity import check_effort_map, effort_map_from_summary
+
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--effort-map {path}: {error}") from None
+    if isinstance(data, list):
+        return effort_map_from_summary(path)
+    if not isinstance(data, dict):
+        raise UsageError(f"--effort-map {path}: a JSON object of efforts or a route-eval summary.json")
+    return check_effort_map(data, f"--effort-map {path}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from dami_jax.dami.pref_router import META_FILE
+
+    if args.port not in PORTS:
+        raise UsageError(f"--port {args.port}: must be in 0-65535")
+    if args.router not in (None, "conf") and not (Path(args.router) / META_FILE).is_file():
+        raise UsageError(f"--router {args.router}: not a router folder (no {META_FILE}; make one with dami-jax train-router) nor conf")
+    efforts = _effort_map(args.effort_map)
+
+    import uvicorn
+
+    from dami_jax.engine.engine import Engine
+    from dami_jax.server.app import ServerConfig, Service, create_app
+    from dami_jax.server.intensity import DEFAULT_EFFORT_MAP, Intensity, load_router
+
+    pair = pair_from(args)
+    router, router_name = load_router(args.router, pair) if args.router else (None, None)
+    engine = Engine(pair, slots=args.slots, max_len=args.max_len, steps_per_call=args.steps_per_call)
+    name = args.model_name or ("dami-toy" if args.instruct is None else f"dami:{Path(args.instruct).name}+{Path(args.thinking).name}")
+    config = ServerConfig(name, args.template, args.api_key, args.max_queue, args.drain_timeout)
+    service = Service(pair, engine, Intensity(efforts or dict(DEFAULT_EFFORT_MAP), router, router_name), config)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"dami-jax: serving {name} on http://{host}:{port}/v1 ({engine.slots} slots, "
+                      f"{engine.context} tokens per request, router: {router_name or 'none'})", flush=True)  # fmt: skip
+
+    server = Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
+                                   timeout_graceful_shutdown=int(args.drain_timeout)))  # fmt: skip
+    # uvicorn shuts down gracefully on SIGTERM / Ctrl-C, then raises the signal again under the
+    # handler it found: a no-op here, so that a drained server exits 0.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: None)
+    server.run()
+    print("dami-jax: stopped", file=sys.stderr)
+
+
+def register(command: Command) -> None:
+    serve = command("serve", "an OpenAI-compatible HTTP server: every request on theta(lambda), lambda per request", _serve)
+    serve.add_argument("--instruct", metavar="FOLDER", help="Instruct (System 1) HF folder; default: the embedded toy pair")
+    serve.add_argument("--thinking", metavar="FOLDER", help="Thinking (System 2) HF folder")
+    serve.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
+    serve.add_argument("--router", metavar="DIR|conf",
+                       help="pick lambda for requests that give none (or lambda 'auto'): a train-router folder "
+                            "(DAMI-Pref) or conf (DAMI-Conf)")  # fmt: skip
+    serve.add_argument("--effort-map", metavar="FILE",
+                       help="reasoning_effort -> lambda: a JSON object {minimal, low, medium, high} or a route-eval "
+                            "summary.json (default: 0, 0.3, 0.6, 1)")  # fmt: skip
+    serve.add_argument("--template", choices=TEMPLATES, default="thinking", help="whose chat template renders a request")
+    serve.add_argument("--slots", type=positive_int, metavar="N", default=8, help="requests decoded together")
+    serve.add_argument("--max-len", type=positive_int, metavar="N", help="prompt + answer tokens per request (default: the model's)")
+    serve.add_argument("--steps-per-call", type=positive_int, metavar="N", default=4, help="decode steps between looks at new requests")
+    serve.add_argument("--max-queue", type=positive_int, metavar="N", default=64, help="waiting requests before 429")
+    serve.add_argument("--drain-timeout", type=positive_float, metavar="S", default=30.0,
+                       help="on SIGTERM, seconds that requests in flight may take to finish")  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=nonnegative_int, metavar="N", default=8000, help="port (0: any free one)")
+    serve.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--model-name", metavar="NAME", help="the model id clients name (default: dami-toy, or from the folders)")

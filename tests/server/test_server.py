@@ -1,0 +1,308 @@
+"""``dami-jax serve`` as users run it: a real server process on 127.0.0.1 and a free port, the toy
+pair, the official ``openai`` client. Every load loop here is bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+import dami_jax as dj
+from dami_jax.models.tokenizer import chat_tokens
+from dami_jax.toy.evaluation import toy_problems
+
+HOST = "127.0.0.1"
+KEY = "test-key"
+START_TIMEOUT_S = 180
+pytestmark = pytest.mark.xdist_group("server")  # the servers of this file start once, in one worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``dami-jax serve`` process; ``url`` once it has printed its ready line."""
+
+    def __init__(self, *args: str):
+        self.port = free_port()
+        command = [sys.executable, "-m", "dami_jax.cli", "serve", "--host", HOST, "--port", str(self.port), *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        self.ready = ""
+        while time.monotonic() < deadline and self.process.poll() is None:
+            line = self.process.stdout.readline()
+            if "serving" in line:
+                self.ready = line
+                break
+        assert self.ready, f"the server did not start: {self.process.stderr.read() if self.process.poll() is not None else 'timeout'}"
+        self.url = f"http://{HOST}:{self.port}"
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = Server("--slots", "4", "--api-key", KEY, "--steps-per-call", "1")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return dj.load_toy_pair()
+
+
+QUESTIONS = [p.question for p in toy_problems(6, seed=3)][:32]
+LAMBDAS = [0.0, 1.0, 0.5, 0.3, 0.7, 1.0, 0.0, 0.9]
+
+
+def expected_text(pair, question: str, lam: float, max_tokens: int) -> tuple[str, int, int]:
+    """(text, prompt tokens, completion tokens) of dj.generate on theta(lam) for this prompt alone."""
+    prompt = chat_tokens(pair.tokenizers["thinking"], question)
+    theta = dj.interpolate(pair.instruct, pair.thinking, lam)
+    row = dj.generate(theta, pair.cfg, [prompt], max_new_tokens=max_tokens).token_lists()[0]
+    return pair.tokenizers["thinking"].decode(row, skip_special_tokens=True), len(prompt), len(row)
+
+
+def test_ready_line_names_the_address(server):
+    assert f"http://{HOST}:{server.port}/v1" in server.ready and "4 slots" in server.ready
+
+
+def test_32_concurrent_chat_requests_each_equal_generate_alone(server, pair):
+    client = server.client()
+
+    def ask(i: int):
+        lam = LAMBDAS[i % len(LAMBDAS)]
+        response = client.chat.completions.create(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[i]}],
+                                                  temperature=0, max_tokens=80, extra_body={"lambda": lam})  # fmt: skip
+        return lam, response
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(32)))
+    for i, (lam, response) in enumerate(answers):
+        text, prompt_tokens, completion_tokens = expected_text(pair, QUESTIONS[i], lam, 80)
+        assert response.choices[0].message.content == text
+        assert response.usage.prompt_tokens == prompt_tokens and response.usage.completion_tokens == completion_tokens
+        assert response.usage.total_tokens == prompt_tokens + completion_tokens
+        assert response.model_extra["lambda"] == lam
+    assert {r.choices[0].finish_reason for _, r in answers} <= {"stop", "length"}
+
+
+def test_streaming_gives_the_same_text(server):
+    client = server.client()
+    for lam in (0.0, 0.6):
+        options = dict(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[5]}], temperature=0, max_tokens=80,
+                       extra_body={"lambda": lam})  # fmt: skip
+        whole = client.chat.completions.create(**options)
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **options))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert all(c.model_extra["lambda"] == lam for c in chunks)
+    prompt = "a=3, b=a+4. b=?"
+    whole = client.completions.create(model="dami-toy", prompt=prompt, temperature=0, max_tokens=24, extra_body={"lambda": 1.0})
+    pieces = client.completions.create(model="dami-toy", prompt=prompt, temperature=0, max_tokens=24, stream=True,
+                                       extra_body={"lambda": 1.0})  # fmt: skip
+    assert "".join(c.choices[0].text for c in pieces) == whole.choices[0].text
+    assert whole.usage.completion_tokens <= 24
+
+
+def test_sampling_seed_n_and_stop(server):
+    client = server.client()
+    options = dict(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[7]}], temperature=1.0, top_p=0.9,
+                   max_tokens=40, n=3, seed=11, extra_body={"lambda": 0.5})  # fmt: skip
+    first, again = client.chat.completions.create(**options), client.chat.completions.create(**options)
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]  # seeded
+    assert len(first.choices) == 3 and [c.index for c in first.choices] == [0, 1, 2]
+    greedy = client.chat.completions.create(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[7]}],
+                                            temperature=0, max_tokens=80, extra_body={"lambda": 1.0})  # fmt: skip
+    text = greedy.choices[0].message.content
+    stop = text[len(text) // 3 : len(text) // 3 + 2]
+    cut = client.chat.completions.create(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[7]}],
+                                         temperature=0, max_tokens=80, stop=[stop], extra_body={"lambda": 1.0})  # fmt: skip
+    assert cut.choices[0].message.content == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_reasoning_effort_maps_to_lambdas(server):
+    client = server.client()
+    for effort, lam in (("minimal", 0.0), ("low", 0.3), ("medium", 0.6), ("high", 1.0)):
+        response = client.chat.completions.create(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                                  temperature=0, max_tokens=8, reasoning_effort=effort)  # fmt: skip
+        assert response.model_extra["lambda"] == lam
+    default = client.chat.completions.create(model="dami-toy", messages=[{"role": "user", "content": "x=1. x=?"}], max_tokens=4)
+    assert default.model_extra["lambda"] == 0.6  # no lambda, no router: medium
+
+
+BAD = [
+    ("/v1/chat/completions", b"{not json", None, "invalid_json"),
+    ("/v1/chat/completions", {"model": "dami-toy"}, "messages", None),
+    ("/v1/chat/completions", {"model": "dami-toy", "messages": []}, "messages", None),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model", "model_not_found"),
+    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "lambda": 1.5}, "lambda", None),
+    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "lambda": "auto"}, "lambda", None),
+    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", None),
+    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, "max_tokens", None),
+    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "max"},
+     "reasoning_effort", None),  # fmt: skip
+    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature", None),
+    ("/v1/completions", {"model": "dami-toy", "prompt": ""}, "prompt", None),
+    ("/v1/completions", {"model": "dami-toy", "prompt": "hi", "stop": [""]}, "stop", None),
+]
+
+
+def test_bad_requests_get_400_with_openai_errors_and_others_go_on(server, pair):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def send(case):
+        path, body, _, _ = case
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60)
+
+    good = dict(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[3]}], temperature=0, max_tokens=80,
+                extra_body={"lambda": 0.7})  # fmt: skip
+    with ThreadPoolExecutor(8) as pool:
+        good_answers = [pool.submit(server.client().chat.completions.create, **good) for _ in range(3)]
+        refused = list(pool.map(send, BAD))
+    for case, response in zip(BAD, refused):
+        assert response.status_code == 400, (case, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error", error
+        assert error["message"]
+        if case[2] is not None:
+            assert error["param"] == case[2], (case, error)
+        if case[3] is not None:
+            assert error["code"] == case[3], (case, error)
+    text = expected_text(pair, QUESTIONS[3], 0.7, 80)[0]
+    assert [f.result().choices[0].message.content for f in good_answers] == [text] * 3
+    assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_a_key_is_required_when_set(server):
+    for key in ("wrong", None):
+        headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+        response = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        server.client("wrong").models.list()
+    assert [m.id for m in server.client().models.list().data] == ["dami-toy"]
+
+
+def test_metrics_and_health(server):
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for name in ("dami_queue_depth", "dami_busy_slots", "dami_generated_tokens_total", "dami_time_to_first_token_seconds_bucket",
+                 "dami_request_latency_seconds_count"):  # fmt: skip
+        assert name in text, name
+    assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_a_client_that_goes_away_frees_its_slot(server):
+    cancelled = server.metric('dami_requests_total{outcome="cancelled"}')
+    body = {"model": "dami-toy", "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": 470, "stream": True,
+            "ignore_eos": True, "temperature": 0, "lambda": 1.0}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as response:  # fmt: skip
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(6)]  # a few tokens in, then hang up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (server.metric("dami_busy_slots") > 0 or server.metric('dami_requests_total{outcome="cancelled"}') == cancelled):
+        time.sleep(0.05)
+    assert server.metric("dami_busy_slots") == 0
+    assert server.metric('dami_requests_total{outcome="cancelled"}') == cancelled + 1
+
+
+def _long_stream(server: Server, budget: int = 470):
+    body = {"model": "dami-toy", "messages": [{"role": "user", "content": QUESTIONS[2]}], "max_tokens": budget,
+            "stream": True, "ignore_eos": True, "temperature": 0, "lambda": 0.5}  # fmt: skip
+    return httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120)
+
+
+def _chunks(response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def test_a_full_queue_gets_429_and_sigterm_drains():
+    small = Server("--slots", "1", "--max-queue", "1", "--steps-per-call", "1", "--drain-timeout", "60")
+    try:
+        with _long_stream(small) as first:
+            lines = first.iter_lines()
+            while '"content": ""' in next(lines) or not small.metric("dami_busy_slots"):
+                pass  # until its tokens come: it has the one slot
+            with _long_stream(small) as second:  # waits for the slot
+                assert second.status_code == 200
+                deadline = time.monotonic() + 10
+                while small.metric("dami_queue_depth") < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                third = httpx.post(f"{small.url}/v1/chat/completions", timeout=30,
+                                   json={"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})  # fmt: skip
+                assert third.status_code == 429 and third.headers["Retry-After"] == "1"
+                assert third.json()["error"]["code"] == "queue_full"
+                small.process.send_signal(signal.SIGTERM)  # in flight: both streams; then nothing new
+                rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+                second_chunks = _chunks(second)
+        assert rest[-1]["choices"][0]["finish_reason"] == "length"  # the first stream ran to its end
+        assert second_chunks[-1]["choices"][0]["finish_reason"] == "length"
+        tokens = sum(1 for c in rest + second_chunks if c["choices"] and c["choices"][0]["delta"].get("content"))
+        assert tokens > 400
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"{small.url}/v1/completions", json={"model": "dami-toy", "prompt": "hi"}, timeout=10).raise_for_status()
+        assert small.process.wait(timeout=60) == 0
+    finally:
+        small.stop()
+
+
+def test_serve_checks_its_arguments_before_loading_models(tmp_path):
+    for args, fragment in ((["--router", str(tmp_path)], "not a router folder"), (["--port", "70000"], "--port 70000"),
+                           (["--effort-map", str(tmp_path / "none.json")], "--effort-map"),
+                           (["--slots", "0"], "--slots")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "dami_jax.cli", "serve", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    bad_map = tmp_path / "efforts.json"
+    bad_map.write_text(json.dumps({"minimal": 0, "low": 0.2, "medium": 2}))
+    done = subprocess.run([sys.executable, "-m", "dami_jax.cli", "serve", "--effort-map", str(bad_map)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "high missing" in done.stderr
+
+
+def test_effort_map_from_a_route_eval_summary(tmp_path):
+    from dami_jax.server.intensity import effort_map_from_summary
+
+    summary = [{"method": "instruct", "accuracy": 0.3, "mean_tokens": 13, "mean_lambda": 0.0},
+               {"method": "fixed-0.4", "accuracy": 0.6, "mean_tokens": 42, "mean_lambda": 0.4},
+               {"method": "fixed-0.5", "accuracy": 0.96, "mean_tokens": 47, "mean_lambda": 0.5},
+               {"method": "fixed-0.7", "accuracy": 0.99, "mean_tokens": 47.6, "mean_lambda": 0.7},
+               {"method": "thinking", "accuracy": 0.99, "mean_tokens": 47.5, "mean_lambda": 1.0},
+               {"method": "dami-pref", "accuracy": 0.99, "mean_tokens": 44, "mean_lambda": 0.6}]  # fmt: skip
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    # low: the cheapest at >= 0.53 accuracy (a third of the way from 0.3 to 0.99); medium: at >= 0.76;
+    # high: the most accurate, fewer tokens breaking the tie; the router's entry is not a fixed lambda
+    assert effort_map_from_summary(path) == {"minimal": 0.0, "low": 0.4, "medium": 0.5, "high": 1.0}
