@@ -31,13 +31,14 @@ def _effort_map(path: str | None) -> dict[str, float] | None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from dami_jax.dami.pref_router import META_FILE
-
     if args.port not in PORTS:
         raise UsageError(f"--port {args.port}: must be in 0-65535")
-    if args.router not in (None, "conf") and not (Path(args.router) / META_FILE).is_file():
-        raise UsageError(f"--router {args.router}: not a router folder (no {META_FILE}; make one with dami-jax train-router) nor conf")
     efforts = _effort_map(args.effort_map)
+    if args.router not in (None, "conf"):
+        from dami_jax.dami.pref_router import META_FILE
+
+        if not (Path(args.router) / META_FILE).is_file():
+            raise UsageError(f"--router {args.router}: not a router folder (no {META_FILE}; make one with dami-jax train-router) nor conf")
 
     import uvicorn
 
