@@ -38,11 +38,11 @@ from dami_jax.engine.steps import Pieces, SlotState, decode, prefill
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.router_data import mix_problems
 from dami_jax.evals.router_training import router_features
+from dami_jax.evals.sweep import DEFAULT_LAMBDAS
 from dami_jax.models.pinned import smollm2_checkpoint
 from dami_jax.models.tokenizer import chat_tokens, load_tokenizer
 from dami_jax.toy.evaluation import toy_problems
 
-GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 class Compiles:
@@ -124,7 +124,7 @@ def toy_workload(pair: ModelPair, count: int, new_tokens: int, seed: int, router
         lambdas = pref.lambdas(features)
     else:
         signals = draft_signals(pair, prompts, max_draft_tokens=32)
-        lambdas, _ = ConfMap().route(signals.confidence, signals.discrepancy, GRID)
+        lambdas, _ = ConfMap().route(signals.confidence, signals.discrepancy, DEFAULT_LAMBDAS)
     order = np.random.default_rng(seed).permutation(len(prompts))
     return [{"prompt": prompts[i], "lam": float(lambdas[i]), "max_new": new_tokens} for i in order]
 

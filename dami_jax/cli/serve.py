@@ -44,14 +44,15 @@ def _serve(args: argparse.Namespace) -> None:
 
     from dami_jax.engine.engine import Engine
     from dami_jax.server.app import ServerConfig, Service, create_app
-    from dami_jax.server.intensity import DEFAULT_EFFORT_MAP, Intensity, load_router
+    from dami_jax.server.intensity import Intensity, load_router
 
     pair = pair_from(args)
     router, router_name = load_router(args.router, pair) if args.router else (None, None)
     engine = Engine(pair, slots=args.slots, max_len=args.max_len, steps_per_call=args.steps_per_call)
     name = args.model_name or ("dami-toy" if args.instruct is None else f"dami:{Path(args.instruct).name}+{Path(args.thinking).name}")
     config = ServerConfig(name, args.template, args.api_key, args.max_queue, args.drain_timeout)
-    service = Service(pair, engine, Intensity(efforts or dict(DEFAULT_EFFORT_MAP), router, router_name), config)
+    intensity = Intensity(router=router) if efforts is None else Intensity(efforts, router)
+    service = Service(pair, engine, intensity, config)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:

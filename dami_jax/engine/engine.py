@@ -422,10 +422,8 @@ class Engine:
         )  # fmt: skip
 
     def _theta(self, lam: float):
-        before = self._thetas.interpolation_s
         theta = self._thetas.get(lam)
-        self.stats.interpolations = self._thetas.interpolations
-        self.stats.interpolation_s += self._thetas.interpolation_s - before
+        self.stats.interpolations, self.stats.interpolation_s = self._thetas.interpolations, self._thetas.interpolation_s
         return theta
 
     def _started(self, done: list[tuple[int, int, _Running]], tokens: np.ndarray, logprobs: np.ndarray, finished: np.ndarray) -> list[TokenEvent]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+import jax
+
 from dami_jax.dami.interpolation import interpolate
 from dami_jax.dami.pair import ModelPair
 from dami_jax.models.params import Params
@@ -27,9 +29,6 @@ class ThetaCache:
         self.interpolations = 0
         self.interpolation_s = 0.0
 
-    def __contains__(self, lam: float) -> bool:
-        return lam in (0.0, 1.0) or lam in self._kept
-
     def get(self, lam: float) -> Params:
         """theta(lam): an endpoint, a kept tree, or a new interpolation (timed)."""
         if lam == 0.0:
@@ -41,7 +40,7 @@ class ThetaCache:
             return self._kept[lam]
         reuse = self._kept.popitem(last=False)[1] if self.capacity and len(self._kept) >= self.capacity else None
         started = time.perf_counter()
-        theta = interpolate(self.pair.instruct, self.pair.thinking, lam, out=reuse, extrapolate=self.extrapolate)
+        theta = jax.block_until_ready(interpolate(self.pair.instruct, self.pair.thinking, lam, out=reuse, extrapolate=self.extrapolate))
         self.interpolations += 1
         self.interpolation_s += time.perf_counter() - started
         if self.capacity:

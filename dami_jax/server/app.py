@@ -97,6 +97,7 @@ class Service:
     def __init__(self, pair: ModelPair, engine: Engine, intensity: Intensity, config: ServerConfig):
         self.pair, self.engine, self.intensity, self.config = pair, engine, intensity, config
         self.metrics = Metrics()
+        self.metrics.slots.set(engine.slots)
         self.runner = EngineRunner(engine, max_queue=config.max_queue, on_step=self.metrics.after_step)
 
     async def answer(self, http: Request, req: ChatRequest | CompletionRequest) -> Response:

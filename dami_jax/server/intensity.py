@@ -85,7 +85,6 @@ class Intensity:
 
     effort_map: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_EFFORT_MAP))
     router: Callable[[list[dict[str, str]]], float] | None = None
-    router_name: str | None = None
 
     def choose(self, requested: Any, effort: str | None, messages: Callable[[], list[dict[str, str]]]) -> float:
         """The lambda for a request's ``lambda`` and ``reasoning_effort`` fields; ``messages``

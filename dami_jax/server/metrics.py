@@ -29,4 +29,3 @@ class Metrics:
         """Gauges from the engine (called on its thread after every step)."""
         self.queue_depth.set(engine.waiting)
         self.busy_slots.set(engine.busy_slots)
-        self.slots.set(engine.slots)

@@ -76,11 +76,6 @@ class EngineRunner:
         """Drop a request (waiting or running); its slot is free at the next step."""
         self._commands.put(_Cancel(request_id))
 
-    @property
-    def in_flight(self) -> int:
-        """Requests submitted and not finished (waiting or in a slot)."""
-        return len(self._callbacks)
-
     def drain(self, timeout_s: float) -> bool:
         """Stop taking requests and wait up to ``timeout_s`` for those in flight; True if they all finished."""
         self._accepting = False
