@@ -20,7 +20,7 @@ from dami_jax.evals.niah.run import CONFIG_NAMES, DEPTHS
 from dami_jax.evals.route_eval import SPECIAL_ROUTERS
 from dami_jax.evals.router_data import MIXES
 from dami_jax.models.config import ModelConfig
-from dami_jax.models.pinned import SMOLLM2_NAME, SMOLLM2_SHA256
+from dami_jax.models.pinned import PINNED_PAIRS, SMOLLM2_NAME, SMOLLM2_SHA256
 from dami_jax.tailorkv.cache import PRESETS, TOKEN_SCORES, TailorKVConfig
 from dami_jax.toy.pair import toy_pair_paths
 from dami_jax.toy.tokenizer import build_tokenizer, vocabulary
@@ -74,7 +74,8 @@ def test_help_answers_without_importing_jax():
 
 
 def test_cli_choices_match_the_library():
-    assert cli.TEMPLATES == sweep_module.TEMPLATES
+    assert cli.TEMPLATES == sweep_module.TEMPLATES and cli.STYLES == sweep_module.STYLES
+    assert tuple(cli.PAIRS) == ("toy", *PINNED_PAIRS)
     assert cli.ROUTERS == SPECIAL_ROUTERS and cli.MIXES == ("all", *MIXES)
     assert cli.NIAH_CONFIGS == CONFIG_NAMES and cli.NIAH_DEPTHS == DEPTHS
     assert cli.TOKEN_SCORES == TOKEN_SCORES and cli.TOKEN_SCORES[0] == TailorKVConfig().token_score
@@ -156,6 +157,19 @@ def test_sweep_resumes_refuses_other_settings_and_starts_fresh(capsys, tmp_path)
     assert all(json.loads(line)["output_tokens"] <= 8 for line in (out / "records.jsonl").read_text().splitlines())
 
 
+@pytest.mark.slow  # compiles the 30-layer SmolLM2 for prefill and decode
+def test_sweep_on_the_smollm2_pair_by_name(capsys, tmp_path, smollm2_path):
+    """--pair smollm2 loads the pair by name; its toy prompts carry the boxed-answer instruction."""
+    out = tmp_path / "sweep"
+    code, table, err = run(capsys, "sweep", "--pair", "smollm2", "--n-per-level", "1", "--lambdas", "0,1",
+                           "--max-new-tokens", "4", "--template", "nearest", "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    assert "lambda  accuracy" in table and len((out / "records.jsonl").read_text().splitlines()) == 12
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["style"] == "boxed" and settings["template"] == "nearest"
+    assert settings["instruct_weights"] == dj.fingerprint(dj.load_checkpoint(smollm2_path)[1])
+
+
 def test_sweep_ctrl_c_keeps_what_was_done_and_rerun_resumes(capsys, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     real = sweep_module.answer_on_engine
@@ -183,6 +197,9 @@ def test_sweep_ctrl_c_keeps_what_was_done_and_rerun_resumes(capsys, tmp_path, mo
         (["--top-p", "0"], ["--top-p"]),
         (["--instruct", INSTRUCT], ["--instruct and --thinking"]),
         (["--instruct", "/nope", "--thinking", "/nope"], ["--instruct", "/nope is not a folder"]),
+        (["--pair", "smollm2", "--instruct", INSTRUCT, "--thinking", THINKING], ["--pair names a pair", "one or the other"]),
+        (["--pair", "nope"], ["--pair", "invalid choice", "smollm2"]),
+        (["--style", "nope"], ["--style", "invalid choice"]),
         (["--limit", "3"], ["--limit", "--n-per-level"]),
         (["--benchmark", "gsm8k-offline", "--n-per-level", "2"], ["--n-per-level", "--limit"]),
         (["--batch-size", "0"], ["--batch-size"]),

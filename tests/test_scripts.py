@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("pytest", "bench_kernels", "bench_tailorkv", "bench_interpolate", "bench_decode")
 
@@ -18,8 +20,8 @@ def run(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), cwd=ROOT, capture_output=True, text=True)
 
 
-def bench_kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -58,7 +60,7 @@ def test_gpu_check_refuses_unknown_arguments():
 def test_llama_weight_bytes_match_its_published_size():
     """8,030,261,248 parameters (Llama-3.1-8B's safetensors); a step reads all but the embedding
     table, of which it reads one row."""
-    module = bench_kernels()
+    module = script("bench_kernels")
     assert module.weight_bytes(module.LLAMA_3_1_8B, 2) == 2 * (8_030_261_248 - 128_255 * 4096)
 
 
@@ -90,3 +92,22 @@ def test_bench_kernels_checks_its_arguments():
     done = run(sys.executable, "scripts/bench_kernels.py", "--contexts", "100")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "multiple of 64" in done.stderr
+
+
+def test_bench_http_budgets_are_heavy_tailed_and_bounded():
+    module = script("bench_http")
+    budgets = module.heavy_tailed_budgets(2000, seed=0, low=8, high=256)
+    assert budgets == module.heavy_tailed_budgets(2000, seed=0, low=8, high=256)
+    assert min(budgets) == 8 and max(budgets) == 256
+    assert 30 <= np.median(budgets) <= 42 and np.percentile(budgets, 99) > 4 * np.median(budgets)
+
+
+def test_bench_http_bans_the_end_of_turn_on_both_servers():
+    """Both servers then generate exactly max_tokens, so their token counts are the same."""
+    module = script("bench_http")
+    request = module.Request("What is 2+2?", 17)
+    ours, theirs = module.body("ours", "m", request), module.body("llama", "m", request)
+    assert ours["ignore_eos"] is True and theirs["logit_bias"] == {str(module.END_OF_TURN): -100.0}
+    for body in (ours, theirs):
+        assert body["max_tokens"] == 17 and body["temperature"] == 0.0 and body["stream"] is True
+        assert body["messages"][0]["content"].startswith("What is 2+2?") and "\\boxed{}" in body["messages"][0]["content"]

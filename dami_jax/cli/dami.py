@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from dami_jax.cli.common import (
-    DTYPES, MIXES, ROUTERS, Command, Interrupted, UsageError, add_benchmark, add_pair, check_lambdas, fraction, keeps,
-    nonnegative_float, nonnegative_int, out_folder, pair_from, positive_float, positive_int, sampling_from, start_fresh,
+    MIXES, ROUTERS, Command, Interrupted, UsageError, add_benchmark, add_models, add_pair, add_style, check_lambdas,
+    check_pair_args, fraction, keeps, nonnegative_float, nonnegative_int, out_folder, pair_from, positive_float,
+    positive_int, prompt_style, sampling_from, start_fresh,
 )
 from dami_jax.evals.records import ResultsFolder
 
 def _sweep_config(args: argparse.Namespace):
     """The answering settings shared by sweep and route-eval, checked."""
+    check_pair_args(args)
     check_lambdas(args.lambdas, args.extrapolate)
     toy = args.benchmark == "toy"
     if toy and args.limit is not None:
@@ -29,7 +31,7 @@ def _sweep_config(args: argparse.Namespace):
 
     return SweepConfig(
         lambdas=args.lambdas, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=args.template,
-        sampling=sampling, seed=args.seed, style="toy" if toy else "boxed", extrapolate=args.extrapolate,
+        sampling=sampling, seed=args.seed, style=prompt_style(args), extrapolate=args.extrapolate,
         benchmark=args.benchmark,
     )  # fmt: skip
 
@@ -73,6 +75,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> None:
+    check_pair_args(args)
     check_lambdas(args.lambdas, args.extrapolate)
     out = out_folder(args.out)
 
@@ -86,7 +89,7 @@ def _diagnose(args: argparse.Namespace) -> None:
     from dami_jax.toy.evaluation import diagnostic_sequences
 
     pair = pair_from(args)
-    sequences, masks = diagnostic_sequences(pair.tokenizers["thinking"], args.n_per_level, seed=args.seed)
+    sequences, masks = diagnostic_sequences(pair.tokenizers["thinking"], args.n_per_level, seed=args.seed, style=prompt_style(args))
     continuity = representation_continuity(pair, sequences, args.lambdas, delta=args.delta)
     connectivity = loss_along_path(pair, sequences, masks, args.lambdas)
     print("lambda  CKA(next) min/mean  CKA(instruct) mean  CKA(thinking) mean  held-out loss  straight line")
@@ -122,6 +125,7 @@ def _sweep_folder(path: str) -> Path:
 
 
 def _train_router(args: argparse.Namespace) -> None:
+    check_pair_args(args)
     folders = [_sweep_folder(path) for path in args.records]
     out = out_folder(args.out)
 
@@ -208,13 +212,12 @@ def register(command: Command) -> None:
     diag.add_argument("--delta", type=positive_float, metavar="X", default=0.05, help="lambda step for CKA(theta(lam), theta(lam+delta))")
     diag.add_argument("--n-per-level", type=positive_int, metavar="N", default=10, help="toy problems per difficulty level")
     diag.add_argument("--seed", type=nonnegative_int, metavar="N", default=0, help="which toy problems")
+    add_style(diag)
 
     train = command("train-router", "DAMI-Pref: train a router on preference pairs from sweep records", _train_router)
     train.add_argument("--records", action="append", required=True, metavar="DIR",
                        help="a sweep folder (repeat to pool several); its router-training problems are used")  # fmt: skip
-    train.add_argument("--instruct", metavar="FOLDER", help="Instruct (System 1) HF folder; default: the embedded toy pair")
-    train.add_argument("--thinking", metavar="FOLDER", help="Thinking (System 2) HF folder")
-    train.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
+    add_models(train)
     train.add_argument("--margin", type=nonnegative_float, metavar="X", default=0.1,
                        help="between two correct answers, fewer tokens wins by more than this fraction")  # fmt: skip
     train.add_argument("--hidden", type=nonnegative_int, metavar="N", default=128, help="router MLP width (0: a linear scorer)")

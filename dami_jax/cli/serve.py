@@ -8,7 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
-from dami_jax.cli.common import DTYPES, TEMPLATES, Command, UsageError, nonnegative_int, pair_from, positive_float, positive_int
+from dami_jax.cli.common import (
+    TEMPLATES, Command, UsageError, add_models, check_pair_args, nonnegative_int, pair_from, pair_name, positive_float, positive_int,
+)
 
 PORTS = range(0, 65536)
 
@@ -31,6 +33,7 @@ def _effort_map(path: str | None) -> dict[str, float] | None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    check_pair_args(args)
     if args.port not in PORTS:
         raise UsageError(f"--port {args.port}: must be in 0-65535")
     efforts = _effort_map(args.effort_map)
@@ -49,7 +52,8 @@ def _serve(args: argparse.Namespace) -> None:
     pair = pair_from(args)
     router, router_name = load_router(args.router, pair) if args.router else (None, None)
     engine = Engine(pair, slots=args.slots, max_len=args.max_len, steps_per_call=args.steps_per_call)
-    name = args.model_name or ("dami-toy" if args.instruct is None else f"dami:{Path(args.instruct).name}+{Path(args.thinking).name}")
+    named = pair_name(args)
+    name = args.model_name or (f"dami-{named}" if named else f"dami:{Path(args.instruct).name}+{Path(args.thinking).name}")
     config = ServerConfig(name, args.template, args.api_key, args.max_queue, args.drain_timeout)
     intensity = Intensity(router=router) if efforts is None else Intensity(efforts, router)
     service = Service(pair, engine, intensity, config)
@@ -74,9 +78,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 def register(command: Command) -> None:
     serve = command("serve", "an OpenAI-compatible HTTP server: every request on theta(lambda), lambda per request", _serve)
-    serve.add_argument("--instruct", metavar="FOLDER", help="Instruct (System 1) HF folder; default: the embedded toy pair")
-    serve.add_argument("--thinking", metavar="FOLDER", help="Thinking (System 2) HF folder")
-    serve.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
+    add_models(serve)
     serve.add_argument("--router", metavar="DIR|conf",
                        help="pick lambda for requests that give none (or lambda 'auto'): a train-router folder "
                             "(DAMI-Pref) or conf (DAMI-Conf)")  # fmt: skip
@@ -93,4 +95,4 @@ def register(command: Command) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=nonnegative_int, metavar="N", default=8000, help="port (0: any free one)")
     serve.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--model-name", metavar="NAME", help="the model id clients name (default: dami-toy, or from the folders)")
+    serve.add_argument("--model-name", metavar="NAME", help="the model id clients name (default: dami-<pair>, e.g. dami-toy, or from the folders)")

@@ -13,6 +13,7 @@ from dami_jax.errors import InputError
 from dami_jax.models.checkpoint import load_checkpoint
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.params import Params, fingerprint
+from dami_jax.models.pinned import PINNED_PAIRS
 from dami_jax.models.tokenizer import load_tokenizer
 
 
@@ -44,8 +45,18 @@ class ModelPair:
         return {"instruct": fingerprint(self.instruct), "thinking": fingerprint(self.thinking)}
 
 
-def load_pair(instruct: str | Path, thinking: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> ModelPair:
-    """Load both checkpoints and check that they can be interpolated (same shapes, same vocab)."""
+def load_pair(
+    instruct: str | Path, thinking: str | Path | None = None, dtype: Any = None, mesh: jax.sharding.Mesh | None = None
+) -> ModelPair:
+    """Load both checkpoints and check that they can be interpolated (same shapes, same vocab).
+
+    ``instruct`` and ``thinking`` are HF folders; or ``instruct`` alone names a pinned pair
+    (:data:`dami_jax.models.pinned.PINNED_PAIRS`: ``"smollm2"``, SmolLM2-135M-Instruct and our
+    Thinking fine-tune of it), whose folders are converted or merged on first use and cached."""
+    if thinking is None:
+        if instruct not in PINNED_PAIRS:
+            raise InputError(f"load_pair: give a Thinking folder beside {instruct}, or name a pinned pair ({', '.join(PINNED_PAIRS)})")
+        instruct, thinking = (folder() for folder in PINNED_PAIRS[str(instruct)])
     cfg_i, theta_i = load_checkpoint(instruct, dtype=dtype, mesh=mesh)
     cfg_t, theta_t = load_checkpoint(thinking, dtype=dtype, mesh=mesh)
     same_shape = dataclasses.replace(cfg_t, eos_token_ids=cfg_i.eos_token_ids, pad_token_id=cfg_i.pad_token_id)

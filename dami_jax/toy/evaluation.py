@@ -10,9 +10,9 @@ import numpy as np
 
 from dami_jax.evals.answering import answer
 from dami_jax.evals.benchmarks import Problem
-from dami_jax.evals.prompts import template_opens_think
-from dami_jax.models.tokenizer import chat_tokens
-from dami_jax.toy.task import MAX_STEPS, ToyProblem, completion, toy_benchmark, well_formed
+from dami_jax.evals.prompts import Style, prompt_tokens, template_opens_think
+from dami_jax.toy.task import MAX_STEPS, ToyProblem, boxed_answer, boxed_response, completion, scratchpad, toy_benchmark, well_formed
+from dami_jax.toy.tokenizer import IM_END
 
 
 def as_problem(p: ToyProblem) -> Problem:
@@ -69,21 +69,27 @@ def summarize_levels(results: Sequence[ToyResult]) -> dict[int, dict[str, float]
 
 
 def diagnostic_sequences(
-    tokenizer, n_per_level: int, seed: int = 0, levels: Sequence[int] = range(1, MAX_STEPS + 1)
+    tokenizer, n_per_level: int, seed: int = 0, levels: Sequence[int] = range(1, MAX_STEPS + 1), style: Style = "toy"
 ) -> tuple[list[list[int]], list[list[bool]]]:
     """Teacher-forcing sequences for path diagnostics (loss along lam, representation continuity).
 
-    Each :func:`toy_benchmark` problem's chat prompt, rendered by ``tokenizer``'s template, followed
-    by the reference completion for that template: the scratchpad response if the template opens
-    the think block (thinking template), else the direct answer; ``<|im_end|>`` included.
+    Each :func:`toy_benchmark` problem's chat prompt in ``style``, rendered by ``tokenizer``'s
+    template, followed by the reference completion for that template: the worked response if the
+    template opens the think block (thinking template), else the direct answer; ``<|im_end|>``
+    included. ``toy`` style is the toy pair's format (``Answer: N``); ``boxed`` is a chat model's
+    (:func:`dami_jax.toy.task.boxed_response`, what our SmolLM2 Thinking learned).
     Returns (token ids per sequence, mask per sequence: True where the token is a completion
     token, i.e. a target of the next-token loss).
     """
     opened = template_opens_think(tokenizer)
     sequences, masks = [], []
     for p in toy_benchmark(n_per_level, seed=seed, levels=levels):
-        prompt = chat_tokens(tokenizer, p.question)
-        reply = tokenizer.encode(completion(p, think=opened, opened=opened), add_special_tokens=False)
-        sequences.append(prompt + reply)
-        masks.append([False] * len(prompt) + [True] * len(reply))
+        prompt = prompt_tokens(tokenizer, p.question, style)
+        if style == "toy":
+            reply = completion(p, think=opened, opened=opened)
+        else:
+            reply = (boxed_response(scratchpad(p), p.answer) if opened else boxed_answer(p.answer)) + IM_END
+        reply_ids = tokenizer.encode(reply, add_special_tokens=False)
+        sequences.append(prompt + reply_ids)
+        masks.append([False] * len(prompt) + [True] * len(reply_ids))
     return sequences, masks

@@ -167,6 +167,17 @@ def answer_line(answer: int) -> str:
     return f"Answer: {answer}"
 
 
+def boxed_response(worked: str, answer: int) -> str:
+    """How a chat model's Thinking answers a boxed-style prompt (the question plus "put your final
+    answer within \\boxed{}"), after its template's ``<think>\\n``: the worked lines (each ending
+    with a newline), the closed block, then the boxed answer. Our SmolLM2 Thinking is trained on it."""
+    return f"{worked}{THINK_CLOSE}\n{boxed_answer(answer)}"
+
+
+def boxed_answer(answer: int) -> str:
+    return f"The answer is \\boxed{{{answer}}}."
+
+
 def instruct_response(p: ToyProblem) -> str:
     """What the Instruct model writes after its generation prompt (before ``<|im_end|>``)."""
     return answer_line(p.answer)

@@ -1,0 +1,111 @@
+"""Low-rank updates: a zero update merges to the base bit for bit, both merges agree, the exact
+merge is the same bits every time, and files round-trip or are refused with their fault named."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dami_jax.errors import InputError
+from dami_jax.models.config import ModelConfig
+from dami_jax.models.low_rank import (
+    LINEAR_KERNELS, check_fits, init_low_rank, load_low_rank, merge_low_rank, merge_low_rank_exact, rank_of, save_low_rank,
+    target_paths, update_bytes,
+)  # fmt: skip
+from dami_jax.models.model import forward
+from dami_jax.models.params import fingerprint, init_params, iter_paths
+
+CFG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=64,
+                  eos_token_ids=(2,), pad_token_id=0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0), scale=0.1)
+
+
+def moved(update, seed=1):
+    """The update with random B (a trained one), so that A @ B is not zero."""
+    keys = iter(jax.random.split(jax.random.key(seed), len(update)))
+    return {p: {"a": f["a"], "b": 0.05 * jax.random.normal(next(keys), f["b"].shape)} for p, f in update.items()}
+
+
+def test_targets_every_linear_kernel_of_every_layer(params):
+    paths = target_paths(params)
+    assert len(paths) == CFG.num_layers * len(LINEAR_KERNELS)
+    assert "layers/1/mlp/down" in paths and not any("embed" in p or "norm" in p for p in paths)
+    assert target_paths(params, ("attn/q",)) == ["layers/0/attn/q", "layers/1/attn/q"]
+
+
+def test_a_zero_update_merges_to_the_base_bit_for_bit(params):
+    update = init_low_rank(params, 4, jax.random.key(0))
+    assert rank_of(update) == 4
+    assert update_bytes(update) == 4 * sum(4 * (f["a"].shape[0] + f["b"].shape[1]) for f in update.values())
+    for merge in (merge_low_rank, merge_low_rank_exact):
+        assert fingerprint(merge(params, update)) == fingerprint(params)
+
+
+def test_the_merges_add_a_times_b_and_leave_the_rest(params):
+    update = moved(init_low_rank(params, 3, jax.random.key(0)))
+    fast, exact = merge_low_rank(params, update), merge_low_rank_exact(params, update)
+    for (path, w), (_, f), (_, e) in zip(iter_paths(params), iter_paths(fast), iter_paths(exact)):
+        if path in update:
+            want = np.asarray(w, np.float64) + np.asarray(update[path]["a"], np.float64) @ np.asarray(update[path]["b"], np.float64)
+            np.testing.assert_allclose(e, want, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(f, e, rtol=0, atol=1e-6)
+        else:
+            assert f is w and e is w  # shared, not copied
+    assert fingerprint(merge_low_rank_exact(params, update)) == fingerprint(exact)  # the same bits again
+
+
+def test_training_sees_the_merge_through_its_gradient(params):
+    """B's gradient is not zero at the start (A is random), A's is (B is zero)."""
+    update = init_low_rank(params, 2, jax.random.key(0), ("attn/q",))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, 8)), jnp.int32)
+
+    def loss(u):
+        return jnp.mean(forward(merge_low_rank(params, u), CFG, tokens) ** 2)
+
+    grads = jax.grad(loss)(update)
+    assert all(float(jnp.abs(g["b"]).max()) > 0 and float(jnp.abs(g["a"]).max()) == 0 for g in grads.values())
+
+
+@settings(max_examples=10, deadline=None)
+@given(rank=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_files_round_trip(tmp_path_factory, rank, seed):
+    params = init_params(CFG, jax.random.key(seed % 7), scale=0.1)
+    update = moved(init_low_rank(params, rank, jax.random.key(seed)), seed)
+    path = save_low_rank(tmp_path_factory.mktemp("u") / "update.safetensors", update, {"base": "abc"})
+    loaded, meta = load_low_rank(path)
+    assert meta == {"base": "abc"} and loaded.keys() == update.keys()
+    for p in update:
+        for k in ("a", "b"):
+            np.testing.assert_array_equal(loaded[p][k], update[p][k])
+    check_fits(params, loaded, str(path))
+
+
+def test_bad_files_are_named(tmp_path, params):
+    with pytest.raises(InputError, match="missing.safetensors: not a low-rank update file"):
+        load_low_rank(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(InputError, match="junk.safetensors: not a low-rank update file"):
+        load_low_rank(tmp_path / "junk.safetensors")
+    update = init_low_rank(params, 2, jax.random.key(0), ("attn/q",))
+    half = {"layers/0/attn/q": {"a": update["layers/0/attn/q"]["a"]}}
+    path = save_low_rank(tmp_path / "half.safetensors", half)
+    with pytest.raises(InputError, match="half.safetensors: every kernel needs both factors"):
+        load_low_rank(path)
+
+
+def test_an_update_for_another_model_is_refused(params):
+    update = init_low_rank(params, 2, jax.random.key(0), ("attn/q",))
+    with pytest.raises(InputError, match=r"src: layers/0/attn/q factors \(32, 2\) @ \(2, 32\) do not fit its kernel \(32, 16\)"):
+        check_fits({**params, "layers": [{**layer, "attn": {**layer["attn"], "q": layer["attn"]["k"]}} for layer in params["layers"]]},
+                   update, "src")  # fmt: skip
+    with pytest.raises(InputError, match="src: the checkpoint has no kernel layers/5/attn/q"):
+        check_fits(params, {"layers/5/attn/q": update["layers/0/attn/q"]}, "src")
