@@ -111,6 +111,10 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} did not answer within 600 s")
 
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
+
     def __exit__(self, *exc) -> None:
         self.process.terminate()
         try:
@@ -175,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, nargs="+", default=[12, 48, 96], help="requests per client count")
     ap.add_argument("--slots", type=int, default=8, help="our engine's slots")
+    ap.add_argument("--max-len", type=int, default=512,
+                    help="our tokens per request (prompt + answer; the longest here is 195 + 256): our decode attends "
+                         "over the whole row, so its cost grows with this, while llama.cpp's grows with the tokens in use")  # fmt: skip
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads")
     ap.add_argument("--min-tokens", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=8711)
     ap.add_argument("--skip-q4", action="store_true", help="no Q4_1 rows")
+    ap.add_argument("--only", nargs="+", metavar="TEXT", help="only the servers whose label contains one of these")
     args = ap.parse_args(argv)
     if len(args.requests) != len(args.clients):
         ap.error("--requests takes one count per --clients value")
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = {"F32": f32, **({} if args.skip_q4 else {"Q4_1": smollm2_gguf()})}
     servers = {
         "dami-jax (float32)": ("ours", "dami-smollm2", [dami, "serve", "--instruct", "smollm2", "--thinking", "smollm2", "--dtype", "float32",
-                               "--template", "instruct", "--slots", str(args.slots), "--max-len", "2048", "--max-queue", "256",
+                               "--template", "instruct", "--slots", str(args.slots), "--max-len", str(args.max_len), "--max-queue", "256",
                                "--host", HOST, "--port", str(args.port), "--model-name", "dami-smollm2"]),
         **{f"llama-cpp-python {w}": ("llama", "smollm2", [*python_server, str(path)]) for w, path in weights.items()},
         **({} if args.llama_server is None else
@@ -212,14 +220,21 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
 
     print(f"{len(requests)} requests drawn, max_tokens median {int(np.median(budgets))}, mean {np.mean(budgets):.0f}, "
-          f"max {max(budgets)}; our slots {args.slots}; llama.cpp threads {args.threads}; {os.cpu_count()} CPUs", flush=True)  # fmt: skip
+          f"max {max(budgets)}; our slots {args.slots}, max-len {args.max_len}; llama.cpp threads {args.threads}; "
+          f"{os.cpu_count()} CPUs", flush=True)  # fmt: skip
+    if args.only:
+        servers = {k: v for k, v in servers.items() if any(text in k for text in args.only)}
     rows = []
     for label, (kind, model, argv_) in servers.items():
         with Server(label, argv_, args.port) as server:
             warm_up = [Request(r.question, 4) for r in requests[:16]]  # compiles and page cache, before timing
             asyncio.run(load(kind, server.url, model, warm_up, 8, 300))
             for clients, count in zip(args.clients, args.requests):
-                done, wall = asyncio.run(load(kind, server.url, model, requests[:count], clients, args.budget_s))
+                try:
+                    done, wall = asyncio.run(load(kind, server.url, model, requests[:count], clients, args.budget_s))
+                except httpx.HTTPError as e:
+                    print(f"{label}, {clients} clients: failed ({e!r}); its log ends:\n{server.log_tail()}", flush=True)
+                    break
                 tokens = sum(d.max_tokens for d in done)
                 counted = sum(len(tokenizer.encode(d.text, add_special_tokens=False)) for d in done)
                 row = {"server": label, "clients": clients, "requests": len(done), "tokens": tokens, "retokenized": counted,
