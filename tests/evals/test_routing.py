@@ -14,7 +14,7 @@ from dami_jax.evals.router_data import mix_problems, read_sweeps, router_split, 
 
 pytestmark = pytest.mark.xdist_group("toy_pair")
 
-SWEEP = ["sweep", "--n-per-level", "3", "--lambdas", "0,0.5,1", "--max-new-tokens", "6", "--batch-size", "18"]
+SWEEP = ["sweep", "--n-per-level", "3", "--lambdas", "0,0.5,1", "--max-new-tokens", "6", "--batch-size", "18", "--style", "toy"]
 
 
 @pytest.fixture(scope="module")
