@@ -57,11 +57,7 @@ def merge_low_rank(params: Params, update: LowRank) -> Params:
     """``params`` with ``A @ B`` added to each updated kernel (in float32, then cast back to the
     kernel's dtype); untouched leaves are shared, not copied. Traceable and differentiable in the
     update, which is how training sees the merged model."""
-    merged = jax.tree.map(lambda x: x, params)  # new containers, the same leaves
-    for path, factors in update.items():
-        w = _kernel(params, path)
-        set_path(merged, _keys(path), (w.astype(jnp.float32) + factors["a"] @ factors["b"]).astype(w.dtype))
-    return merged
+    return _with_kernels(params, update, lambda w, a, b: (w.astype(jnp.float32) + a @ b).astype(w.dtype))
 
 
 def merge_low_rank_exact(params: Params, update: LowRank) -> Params:
@@ -69,19 +65,24 @@ def merge_low_rank_exact(params: Params, update: LowRank) -> Params:
     numpy, one rank at a time in a fixed order (a float32 x float32 product is exact in float64,
     and elementwise adds are not reordered), rounded once to the kernel's dtype. A BLAS or GPU
     matmul would sum in an order of its own, and so could differ in the last bit."""
-    merged = jax.tree.map(lambda x: x, params)
-    for path, factors in update.items():
-        w = _kernel(params, path)
-        a, b = (np.asarray(jax.device_get(factors[k]), np.float64) for k in ("a", "b"))
+
+    def exact(w, a, b):
+        a, b = (np.asarray(jax.device_get(x), np.float64) for x in (a, b))
         total = np.asarray(jax.device_get(w), np.float64)
         for k in range(a.shape[1]):
             total = total + a[:, k, None] * b[None, k, :]
-        set_path(merged, _keys(path), jnp.asarray(total.astype(w.dtype)))
+        return jnp.asarray(total.astype(w.dtype))
+
+    return _with_kernels(params, update, exact)
+
+
+def _with_kernels(params: Params, update: LowRank, merge) -> Params:
+    """``params`` (new containers, the same leaves) with each updated kernel ``w`` replaced by
+    ``merge(w, a, b)``."""
+    merged = jax.tree.map(lambda x: x, params)
+    for path, factors in update.items():
+        set_path(merged, _keys(path), merge(_kernel(params, path), factors["a"], factors["b"]))
     return merged
-
-
-def rank_of(update: LowRank) -> int:
-    return int(next(iter(update.values()))["a"].shape[1])
 
 
 def update_bytes(update: LowRank) -> int:
@@ -96,17 +97,18 @@ def save_low_rank(path: str | Path, update: LowRank, metadata: Mapping[str, str]
 
 def load_low_rank(path: str | Path) -> tuple[LowRank, dict[str, str]]:
     """(update, metadata) from :func:`save_low_rank`'s file; a file that is not one is named."""
-    update: LowRank = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
-            for key in f.keys():
-                kernel, _, name = key.rpartition(".")
-                if name not in ("a", "b"):
-                    raise InputError(f"{path}: tensor {key!r} is not a low-rank factor (<kernel path>.a or .b)")
-                update.setdefault(kernel, {})[name] = jnp.asarray(f.get_tensor(key))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable, or not safetensors
         raise InputError(f"{path}: not a low-rank update file ({e})") from None
+    update: LowRank = {}
+    for key, tensor in tensors.items():
+        kernel, _, name = key.rpartition(".")
+        if name not in ("a", "b"):
+            raise InputError(f"{path}: tensor {key!r} is not a low-rank factor (<kernel path>.a or .b)")
+        update.setdefault(kernel, {})[name] = jnp.asarray(tensor)
     if not update or any(set(f) != {"a", "b"} for f in update.values()):
         raise InputError(f"{path}: every kernel needs both factors .a and .b")
     return update, metadata

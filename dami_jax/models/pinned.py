@@ -72,19 +72,21 @@ def smollm2_checkpoint() -> Path:
 def smollm2_thinking_checkpoint() -> Path:
     """The Thinking HF folder: :func:`smollm2_checkpoint` plus the shipped update, merged on
     first use (a few seconds) and cached beside it; rebuilt when its weights are not the
-    fingerprint that the update records."""
+    fingerprint that the update records (a stale, damaged or half-written folder)."""
     if (actual := sha256(THINKING_UPDATE)) != THINKING_UPDATE_SHA256:
         raise InputError(f"{THINKING_UPDATE}: sha256 {actual} does not match the pinned {THINKING_UPDATE_SHA256}")
     update, meta = load_low_rank(THINKING_UPDATE)
     out = smollm2_folder().parent / f"{SMOLLM2_THINKING_NAME}-{meta['thinking']}"
-    if (out / "model.safetensors").is_file() and fingerprint(load_checkpoint(out)[1]) == meta["thinking"]:
+    if _holds(out, meta["thinking"]):
         return out
     instruct = smollm2_checkpoint()
     with FileLock(str(out) + ".lock"):
+        if _holds(out, meta["thinking"]):  # another process merged it while this one waited
+            return out
         cfg, params = load_checkpoint(instruct)
-        if fingerprint(params) != meta["base"]:
-            raise InputError(f"{instruct}: its weights (fingerprint {fingerprint(params)}) are not the base "
-                             f"{THINKING_UPDATE.name} was trained on ({meta['base']}); delete the folder to convert it again")  # fmt: skip
+        if (base := fingerprint(params)) != meta["base"]:
+            raise InputError(f"{instruct}: its weights (fingerprint {base}) are not the base {THINKING_UPDATE.name} "
+                             f"was trained on ({meta['base']}); delete the folder to convert it again")  # fmt: skip
         check_fits(params, update, str(THINKING_UPDATE))
         merged = merge_low_rank_exact(params, update)
         if (got := fingerprint(merged)) != meta["thinking"]:
@@ -94,6 +96,16 @@ def smollm2_thinking_checkpoint() -> Path:
             write_atomic(out / name, (instruct / name).read_bytes())
         write_atomic(out / "chat_template.jinja", THINKING_TEMPLATE.read_text())
     return out
+
+
+def _holds(folder: Path, expected: str) -> bool:
+    """Whether ``folder`` is a checkpoint whose weights have fingerprint ``expected``."""
+    if not (folder / "model.safetensors").is_file():
+        return False
+    try:
+        return fingerprint(load_checkpoint(folder)[1]) == expected
+    except (InputError, OSError):  # unreadable or cut short: rebuilt like a stale one
+        return False
 
 
 # Pairs that load by name (dami_jax.dami.pair.load_pair, the CLI's --pair): Instruct and Thinking folders.
