@@ -5,6 +5,7 @@ the suite (tailorkv, on SmolLM2) reads it in its parameters cell and picks small
 pair's notebooks are small anyway.
 """
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -15,8 +16,9 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
 def uses_smollm2(path: Path) -> bool:
-    """Notebooks on the real SmolLM2: slow (compiling a 30-layer model dominates, even at small sizes)."""
-    return "smollm2_checkpoint" in path.read_text()
+    """Notebooks on the real SmolLM2 (its checkpoint or its pinned pair): slow (compiling a 30-layer
+    model dominates, even at small sizes)."""
+    return re.search(r"smollm2_checkpoint|load_pair\(['\"]smollm2", path.read_text()) is not None
 
 
 @pytest.mark.parametrize(

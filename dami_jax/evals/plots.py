@@ -39,22 +39,31 @@ def plot_frontier(
 ) -> Path:
     """Accuracy vs mean generated tokens, one labelled dot per lambda, frontier as a line;
     ``marks``: (label, mean tokens, accuracy) of other methods (routers), drawn as labelled stars."""
-    fig = Figure(figsize=(6, 4.2), layout="tight")
-    ax = fig.add_subplot()
-    xs, ys = [p.mean_tokens for p in points], [100 * p.accuracy for p in points]
-    scatter = ax.scatter(xs, ys, c=[p.lam for p in points], cmap="viridis", zorder=3)
-    frontier = pareto_frontier(points)
-    for p in frontier_labels(points, frontier):
-        ax.annotate(f"{p.lam:g}", (p.mean_tokens, 100 * p.accuracy), textcoords="offset points", xytext=(6, -3), fontsize=8)
-    ax.plot([p.mean_tokens for p in frontier], [100 * p.accuracy for p in frontier], "--", color="gray", zorder=2, label="Pareto frontier")
-    for (label, tokens, accuracy), color in zip(marks, ("tab:red", "tab:orange", "tab:purple", "tab:brown")):
-        ax.scatter([tokens], [100 * accuracy], marker="*", s=160, color=color, zorder=4, label=label)
-    fig.colorbar(scatter, ax=ax, label="lambda (0 = Instruct, 1 = Thinking)")
-    ax.set_xlabel("mean generated tokens")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
+    return plot_frontier_panels([(title, points, marks)], path)
+
+
+def plot_frontier_panels(panels: Sequence[tuple[str, Sequence[SweepPoint], Sequence[tuple[str, float, float]]]], path: str | Path) -> Path:
+    """:func:`plot_frontier`'s figure for several sweeps side by side (e.g. two pairs on one
+    benchmark), one panel per (title, points, marks); every panel keeps its own axes' ranges."""
+    fig = Figure(figsize=(6 * len(panels), 4.2), layout="tight")
+    lams = [p.lam for _, points, _ in panels for p in points]
+    color_range = {"vmin": min(0.0, *lams), "vmax": max(1.0, *lams)}  # one colour per lambda in every panel
+    for i, (title, points, marks) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        xs, ys = [p.mean_tokens for p in points], [100 * p.accuracy for p in points]
+        scatter = ax.scatter(xs, ys, c=[p.lam for p in points], cmap="viridis", zorder=3, **color_range)
+        frontier = pareto_frontier(points)
+        for p in frontier_labels(points, frontier):
+            ax.annotate(f"{p.lam:g}", (p.mean_tokens, 100 * p.accuracy), textcoords="offset points", xytext=(6, -3), fontsize=8)
+        ax.plot([p.mean_tokens for p in frontier], [100 * p.accuracy for p in frontier], "--", color="gray", zorder=2, label="Pareto frontier")
+        for (label, tokens, accuracy), color in zip(marks, ("tab:red", "tab:orange", "tab:purple", "tab:brown")):
+            ax.scatter([tokens], [100 * accuracy], marker="*", s=160, color=color, zorder=4, label=label)
+        fig.colorbar(scatter, ax=ax, label="lambda (0 = Instruct, 1 = Thinking)")
+        ax.set_xlabel("mean generated tokens")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
     return save_figure(fig, path, dpi=120)
 
 

@@ -4,6 +4,7 @@ tiny random pair with the toy tokenizer."""
 import dataclasses
 
 import pytest
+from matplotlib.image import imread
 from conftest import interrupted_on_call, write_tiny_pair
 
 import dami_jax.evals.sweep as sweep_module
@@ -13,7 +14,7 @@ from dami_jax.decoding.sampling import Sampling
 from dami_jax.evals.answering import answer
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.frontier import SweepPoint, format_table, frontier_shape, pareto_frontier, sweep_points
-from dami_jax.evals.plots import frontier_labels, plot_frontier
+from dami_jax.evals.plots import frontier_labels, plot_frontier, plot_frontier_panels
 from dami_jax.evals.records import JsonlLog, StaleResultsError
 from dami_jax.evals.sweep import RECORDS_FILE, SweepConfig, record_keys, run_sweep
 from dami_jax.toy.evaluation import toy_problems
@@ -102,6 +103,15 @@ def test_records_table_and_frontier(tiny_pair, tmp_path):
     assert [p.lam for p in points] == [0.0, 0.5, 1.0]
     assert "lambda" in format_table(points)
     assert plot_frontier(points, tmp_path / "f.png").stat().st_size > 0
+
+
+def test_frontier_panels_side_by_side(tmp_path):
+    """Two sweeps (e.g. two pairs), one panel each: the figure is two single frontiers wide."""
+    a = [SweepPoint(0.0, 0.3, 5, 0, 10), SweepPoint(1.0, 0.7, 60, 1, 10)]
+    b = [SweepPoint(0.0, 0.0, 115, 0, 10), SweepPoint(0.5, 0.3, 50, 0.5, 10), SweepPoint(1.0, 0.7, 50, 1, 10)]
+    one = imread(plot_frontier(a, tmp_path / "one.png"))
+    two = imread(plot_frontier_panels([("toy", a, ()), ("smollm2", b, [("router", 50.0, 0.72)])], tmp_path / "two.png"))
+    assert two.shape[0] == one.shape[0] and two.shape[1] == 2 * one.shape[1]
 
 
 def test_frontier_shape_is_measured_not_assumed():

@@ -13,7 +13,6 @@ from conftest import rel_err
 from hypothesis import given
 from kernel_cases import (
     FEW,
-    GQA,
     TOLERANCE,
     draw_groups,
     quantize_case,
