@@ -9,6 +9,8 @@ import dataclasses
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
+from dami_jax.evals.stats import format_interval
+
 
 @dataclasses.dataclass(frozen=True)
 class SweepPoint:
@@ -16,6 +18,7 @@ class SweepPoint:
     accuracy: float  # fraction correct
     mean_tokens: float  # mean generated tokens (the cost axis)
     think_rate: float  # fraction of responses that wrote a non-empty, closed think block
+    cut_off: float  # fraction of answers the token budget cut off
     n: int
 
 
@@ -33,6 +36,7 @@ def sweep_points(records: Iterable[dict[str, Any]]) -> list[SweepPoint]:
                 accuracy=sum(r["correct"] for r in rs) / len(rs),
                 mean_tokens=sum(r["output_tokens"] for r in rs) / len(rs),
                 think_rate=sum(r["thought_chars"] > 0 for r in rs) / len(rs),
+                cut_off=sum(r["truncated"] for r in rs) / len(rs),
                 n=len(rs),
             )
         )
@@ -66,7 +70,9 @@ def frontier_shape(points: Sequence[SweepPoint], tolerance: float = 0.0) -> dict
 
 
 def format_table(points: Sequence[SweepPoint]) -> str:
-    lines = [f"{'lambda':>6}  {'accuracy':>8}  {'mean tokens':>11}  {'think rate':>10}  {'n':>5}"]
+    """One row per lambda; the accuracy's 95% Wilson interval beside it."""
+    lines = [f"{'lambda':>6}  {'accuracy':>8}  {'95% CI':>14}  {'mean tokens':>11}  {'cut off':>7}  {'think rate':>10}  {'n':>5}"]
     for p in points:
-        lines.append(f"{p.lam:6.2f}  {p.accuracy:8.3f}  {p.mean_tokens:11.1f}  {p.think_rate:10.2f}  {p.n:5d}")
+        lines.append(f"{p.lam:6.2f}  {p.accuracy:8.3f}  {format_interval(p.accuracy, p.n):>14}  {p.mean_tokens:11.1f}  "
+                     f"{p.cut_off:7.2f}  {p.think_rate:10.2f}  {p.n:5d}")  # fmt: skip
     return "\n".join(lines)

@@ -42,6 +42,7 @@ from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.records import ResultsFolder
 from dami_jax.evals.router_data import rollouts
 from dami_jax.evals.router_training import PROMPT_TEMPLATE, router_features
+from dami_jax.evals.stats import format_interval
 from dami_jax.evals.sweep import SweepConfig, pair_settings, record_keys, run_sweep, sweep_engine
 from dami_jax.files import write_atomic
 
@@ -88,10 +89,12 @@ def baseline_name(lam: float) -> str:
 
 
 def format_results(results: Sequence[MethodResult]) -> str:
-    lines = [f"{'method':<14} {'accuracy':>8} {'mean tokens':>11} {'mean lambda':>11} {'wall s':>7} {'n':>5}"]
+    """One row per method; the accuracy's 95% Wilson interval beside it."""
+    lines = [f"{'method':<14} {'accuracy':>8} {'95% CI':>14} {'mean tokens':>11} {'mean lambda':>11} {'wall s':>7} {'n':>5}"]
     for r in results:
         wall = "-" if r.wall_s is None else f"{r.wall_s:.1f}"
-        lines.append(f"{r.method:<14} {r.accuracy:8.3f} {r.mean_tokens:11.1f} {r.mean_lambda:11.2f} {wall:>7} {r.n:5d}")
+        lines.append(f"{r.method:<14} {r.accuracy:8.3f} {format_interval(r.accuracy, r.n):>14} {r.mean_tokens:11.1f} "
+                     f"{r.mean_lambda:11.2f} {wall:>7} {r.n:5d}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -107,27 +107,27 @@ def test_records_table_and_frontier(tiny_pair, tmp_path):
 
 def test_frontier_panels_side_by_side(tmp_path):
     """Two sweeps (e.g. two pairs), one panel each: the figure is two single frontiers wide."""
-    a = [SweepPoint(0.0, 0.3, 5, 0, 10), SweepPoint(1.0, 0.7, 60, 1, 10)]
-    b = [SweepPoint(0.0, 0.0, 115, 0, 10), SweepPoint(0.5, 0.3, 50, 0.5, 10), SweepPoint(1.0, 0.7, 50, 1, 10)]
+    a = [SweepPoint(0.0, 0.3, 5, 0, 0.0, 10), SweepPoint(1.0, 0.7, 60, 1, 0.0, 10)]
+    b = [SweepPoint(0.0, 0.0, 115, 0, 0.0, 10), SweepPoint(0.5, 0.3, 50, 0.5, 0.0, 10), SweepPoint(1.0, 0.7, 50, 1, 0.0, 10)]
     one = imread(plot_frontier(a, tmp_path / "one.png"))
     two = imread(plot_frontier_panels([("toy", a, ()), ("smollm2", b, [("router", 50.0, 0.72)])], tmp_path / "two.png"))
     assert two.shape[0] == one.shape[0] and two.shape[1] == 2 * one.shape[1]
 
 
 def test_frontier_shape_is_measured_not_assumed():
-    pts = [SweepPoint(0.0, 0.3, 5, 0, 10), SweepPoint(0.5, 0.6, 20, 0.5, 10), SweepPoint(1.0, 0.7, 60, 1, 10)]
+    pts = [SweepPoint(0.0, 0.3, 5, 0, 0.0, 10), SweepPoint(0.5, 0.6, 20, 0.5, 0.0, 10), SweepPoint(1.0, 0.7, 60, 1, 0.0, 10)]
     assert [p.lam for p in pareto_frontier(pts)] == [0.0, 0.5, 1.0]
     assert frontier_shape(pts) == {"monotonic_in_lambda": True, "convex_frontier": True}
-    dented = [SweepPoint(0.0, 0.3, 5, 0, 10), SweepPoint(0.5, 0.35, 50, 0.5, 10), SweepPoint(1.0, 0.7, 60, 1, 10)]
+    dented = [SweepPoint(0.0, 0.3, 5, 0, 0.0, 10), SweepPoint(0.5, 0.35, 50, 0.5, 0.0, 10), SweepPoint(1.0, 0.7, 60, 1, 0.0, 10)]
     assert frontier_shape(dented)["convex_frontier"] is False
-    falling = [SweepPoint(0.0, 0.5, 5, 0, 10), SweepPoint(1.0, 0.4, 60, 1, 10)]
+    falling = [SweepPoint(0.0, 0.5, 5, 0, 0.0, 10), SweepPoint(1.0, 0.4, 60, 1, 0.0, 10)]
     assert frontier_shape(falling)["monotonic_in_lambda"] is False
 
 
 def test_crowded_points_are_labelled_once_frontier_first():
     # lambdas 0.6..1.0 sit on top of each other at the thinking end; 0.9 is the frontier's best
-    pts = [SweepPoint(0.0, 0.3, 13, 0, 60), SweepPoint(0.4, 0.75, 40, 0.6, 60)]
-    pts += [SweepPoint(lam, acc, 47.2, 1, 60) for lam, acc in ((0.6, 0.967), (0.7, 0.967), (0.8, 0.983), (0.9, 1.0), (1.0, 1.0))]
+    pts = [SweepPoint(0.0, 0.3, 13, 0, 0.0, 60), SweepPoint(0.4, 0.75, 40, 0.6, 0.0, 60)]
+    pts += [SweepPoint(lam, acc, 47.2, 1, 0.0, 60) for lam, acc in ((0.6, 0.967), (0.7, 0.967), (0.8, 0.983), (0.9, 1.0), (1.0, 1.0))]
     labelled = [p.lam for p in frontier_labels(pts, pareto_frontier(pts))]
     assert labelled == [0.0, 0.4, 0.9]
 
