@@ -374,6 +374,8 @@ def test_train_router_bad_arguments(capsys, tmp_path):
     assert_user_error(*run(capsys, "train-router", "--records", str(tmp_path), "--out", str(tmp_path / "r"))[::2],
                       "--records", "not a sweep folder")  # fmt: skip
     assert_user_error(*run(capsys, "train-router", "--records", str(tmp_path), "--margin", "-1")[::2], "--margin")
+    for bad in ("0", "1.5"):
+        assert_user_error(*run(capsys, "train-router", "--records", str(tmp_path), "--token-weight", bad)[::2], "--token-weight")
     assert_user_error(*run(capsys, "train-router", "--out", str(tmp_path))[::2], "--records")
 
 

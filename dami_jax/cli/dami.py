@@ -11,8 +11,8 @@ from typing import Any
 
 from dami_jax.cli.common import (
     MIXES, ROUTERS, Command, Interrupted, UsageError, add_benchmark, add_models, add_pair, add_style, check_lambdas,
-    check_pair_args, fraction, keeps, nonnegative_float, nonnegative_int, out_folder, pair_from, positive_float,
-    positive_int, prompt_style, sampling_from, start_fresh,
+    check_pair_args, fraction, keeps, nonnegative_float, nonnegative_int, open_fraction, out_folder, pair_from,
+    positive_float, positive_int, prompt_style, sampling_from, start_fresh,
 )
 from dami_jax.evals.records import ResultsFolder
 
@@ -140,7 +140,8 @@ def _train_router(args: argparse.Namespace) -> None:
     pair = pair_from(args)
     started = time.perf_counter()
     try:
-        router = train_router(pair, folders, out, spec=FeatureSpec(), config=config, margin=args.margin)
+        router = train_router(pair, folders, out, spec=FeatureSpec(), config=config, margin=args.margin,
+                              token_weight=args.token_weight)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(f"the epochs finished so far are saved in {out}; rerun the same command to resume") from None
     print(f"router: {out} (lambdas {', '.join(f'{x:g}' for x in router.info.grid)}; {router.info.in_dim} features)")
@@ -220,6 +221,9 @@ def register(command: Command) -> None:
     add_models(train)
     train.add_argument("--margin", type=nonnegative_float, metavar="X", default=0.1,
                        help="between two correct answers, fewer tokens wins by more than this fraction")  # fmt: skip
+    train.add_argument("--token-weight", type=open_fraction, metavar="X", default=1.0,
+                       help="weight of a pair two correct answers make (fewer tokens wins) against a right-vs-wrong pair's 1; "
+                            "below 1 puts accuracy first across problems the router cannot tell apart")  # fmt: skip
     train.add_argument("--hidden", type=nonnegative_int, metavar="N", default=128, help="router MLP width (0: a linear scorer)")
     train.add_argument("--learning-rate", type=positive_float, metavar="X", default=3e-3, help="AdamW peak learning rate")
     train.add_argument("--epochs", type=positive_int, metavar="N", default=300, help="most epochs")

@@ -63,9 +63,10 @@ class ScoreNet(nnx.Module):
         return self.out(x if self.hidden is None else nnx.gelu(self.hidden(x)))
 
 
-def bradley_terry_loss(s_win: jax.Array, s_lose: jax.Array) -> jax.Array:
-    """Mean of -log sigmoid(s_win - s_lose) over pairs [N]."""
-    return jnp.mean(jax.nn.softplus(s_lose - s_win))
+def bradley_terry_loss(s_win: jax.Array, s_lose: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """Mean of -log sigmoid(s_win - s_lose) over pairs [N], weighted by ``weight`` [N] if given."""
+    losses = jax.nn.softplus(s_lose - s_win)
+    return jnp.mean(losses) if weight is None else jnp.sum(weight * losses) / jnp.sum(weight)
 
 
 def _pair_scores(net: ScoreNet, x: jax.Array, win: jax.Array, lose: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -75,9 +76,9 @@ def _pair_scores(net: ScoreNet, x: jax.Array, win: jax.Array, lose: jax.Array) -
 
 
 @nnx.jit
-def _train_step(net: ScoreNet, optimizer: nnx.Optimizer, x, win, lose) -> jax.Array:
+def _train_step(net: ScoreNet, optimizer: nnx.Optimizer, x, win, lose, weight) -> jax.Array:
     def loss_fn(net):
-        return bradley_terry_loss(*_pair_scores(net, x, win, lose))
+        return bradley_terry_loss(*_pair_scores(net, x, win, lose), weight)
 
     loss, grads = nnx.value_and_grad(loss_fn)(net)
     optimizer.update(net, grads)
@@ -85,10 +86,10 @@ def _train_step(net: ScoreNet, optimizer: nnx.Optimizer, x, win, lose) -> jax.Ar
 
 
 @nnx.jit
-def _evaluate(net: ScoreNet, x, win, lose) -> tuple[jax.Array, jax.Array]:
-    """(Bradley-Terry loss, pairwise accuracy: share of pairs with s_win > s_lose)."""
+def _evaluate(net: ScoreNet, x, win, lose, weight) -> tuple[jax.Array, jax.Array]:
+    """(weighted Bradley-Terry loss, pairwise accuracy: share of pairs with s_win > s_lose)."""
     s_win, s_lose = _pair_scores(net, x, win, lose)
-    return bradley_terry_loss(s_win, s_lose), jnp.mean((s_win > s_lose).astype(jnp.float32))
+    return bradley_terry_loss(s_win, s_lose, weight), jnp.mean((s_win > s_lose).astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +250,7 @@ def train_pref_router(
     write_atomic(folder / META_FILE, json.dumps({"settings": settings, "done": False}, indent=1) + "\n")
 
     x_all = jnp.asarray(features, jnp.float32)
-    val = tuple(jnp.asarray(a) for a in (val_pairs.query, val_pairs.win, val_pairs.lose))
+    val = tuple(jnp.asarray(a) for a in (val_pairs.query, val_pairs.win, val_pairs.lose, val_pairs.weight))
     bar = tqdm(total=config.max_epochs, initial=record["epoch"], desc="train-router", unit="epoch", disable=not progress)
     with bar:
         while record["epoch"] < config.max_epochs and record["epoch"] - record["best_epoch"] < config.patience:
@@ -257,12 +258,12 @@ def train_pref_router(
             order = np.random.default_rng([config.seed, epoch]).permutation(len(train_pairs))
             for lo in range(0, len(order), config.batch_size):
                 idx = order[lo : lo + config.batch_size]
-                q, w, lose = (jnp.asarray(a[idx]) for a in (train_pairs.query, train_pairs.win, train_pairs.lose))
-                _train_step(net, optimizer, x_all[q], w, lose)
-            train_loss, train_acc = _evaluate(net, x_all[train_pairs.query], jnp.asarray(train_pairs.win), jnp.asarray(train_pairs.lose))
+                q, win, lose, weight = (jnp.asarray(a[idx]) for a in (train_pairs.query, train_pairs.win, train_pairs.lose, train_pairs.weight))
+                _train_step(net, optimizer, x_all[q], win, lose, weight)
+            train_loss, train_acc = _evaluate(net, x_all[train_pairs.query], *(jnp.asarray(a) for a in (train_pairs.win, train_pairs.lose, train_pairs.weight)))
             row = {"epoch": epoch, "train_loss": float(train_loss), "train_accuracy": float(train_acc)}
             if len(val_pairs):
-                val_loss, val_acc = _evaluate(net, x_all[val[0]], val[1], val[2])
+                val_loss, val_acc = _evaluate(net, x_all[val[0]], *val[1:])
                 row.update(val_loss=float(val_loss), val_accuracy=float(val_acc))
             if validation is not None:
                 choice = np.argmax(np.asarray(_scores(net, x_all[validation[0]])), axis=-1)

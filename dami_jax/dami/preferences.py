@@ -5,6 +5,12 @@ The paper trains its router with "accuracy and efficiency criteria" without givi
 answers the one with fewer tokens wins, unless their token counts are within ``margin`` of each
 other (a near-tie teaches nothing but noise); two wrong answers give no pair.
 
+Accuracy comes first only within one query. A router generalizes across queries it cannot tell
+apart, so where a cheap lambda is right on most of them and wrong on the rest, its "shorter"
+pairs can outvote the "right" pairs of a costlier one: :func:`preference_pairs` therefore weighs
+each token pair by ``token_weight`` (1: every pair alike; below 1: accuracy first across queries
+too; measured on the SmolLM2 pair in docs/results.md).
+
 Which queries train a router and which evaluate it is decided by a hash of the query id
 (:func:`split_ids`), so the split is the same on every machine and for every sweep order.
 """
@@ -46,6 +52,7 @@ class PreferencePairs:
     query: np.ndarray  # int32 [N]: row of the query in the feature matrix
     win: np.ndarray  # int32 [N]: grid index of the preferred lambda
     lose: np.ndarray  # int32 [N]: grid index of the other one
+    weight: np.ndarray  # float32 [N]: the pair's weight in the loss (1 for a right-vs-wrong pair)
 
     def __len__(self) -> int:
         return len(self.query)
@@ -53,7 +60,7 @@ class PreferencePairs:
     def subset(self, queries: Sequence[int]) -> "PreferencePairs":
         """The pairs whose query is in ``queries``."""
         keep = np.isin(self.query, np.asarray(queries, np.int32))
-        return PreferencePairs(self.query[keep], self.win[keep], self.lose[keep])
+        return PreferencePairs(self.query[keep], self.win[keep], self.lose[keep], self.weight[keep])
 
 
 def grid_index(grid: Sequence[float], lam: float) -> int:
@@ -65,11 +72,14 @@ def grid_index(grid: Sequence[float], lam: float) -> int:
 
 
 def preference_pairs(
-    rollouts: Sequence[Sequence[Rollout]], grid: Sequence[float], margin: float = 0.1
+    rollouts: Sequence[Sequence[Rollout]], grid: Sequence[float], margin: float = 0.1, token_weight: float = 1.0
 ) -> PreferencePairs:
     """All pairs of each query's rollouts that :func:`prefer` decides; ``rollouts[i]`` belongs to
-    query row i, and every rollout's lambda must lie on ``grid``."""
-    query, win, lose = [], [], []
+    query row i, and every rollout's lambda must lie on ``grid``. A pair of two right answers
+    (decided by tokens) weighs ``token_weight``, a right-vs-wrong pair 1."""
+    if not 0.0 < token_weight <= 1.0:
+        raise ValueError(f"token_weight must lie in (0, 1], got {token_weight}")
+    query, win, lose, weight = [], [], [], []
     for row, answers in enumerate(rollouts):
         indexed = [(grid_index(grid, r.lam), r) for r in answers]
         for i, (gi, a) in enumerate(indexed):
@@ -79,8 +89,9 @@ def preference_pairs(
                     query.append(row)
                     win.append(gi if verdict > 0 else gj)
                     lose.append(gj if verdict > 0 else gi)
+                    weight.append(1.0 if a.correct != b.correct else token_weight)
     as_array = lambda xs: np.asarray(xs, np.int32)
-    return PreferencePairs(as_array(query), as_array(win), as_array(lose))
+    return PreferencePairs(as_array(query), as_array(win), as_array(lose), np.asarray(weight, np.float32))
 
 
 def in_split(problem_id: str, fraction: float, salt: str) -> bool:

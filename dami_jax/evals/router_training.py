@@ -51,10 +51,12 @@ def train_router(
     spec: FeatureSpec = FeatureSpec(),
     config: TrainConfig = TrainConfig(),
     margin: float = 0.1,
+    token_weight: float = 1.0,
     progress: bool = True,
 ) -> PrefRouter:
     """Train (or resume, or load when finished) the router in ``out_dir`` from the sweep
-    ``folders``; ``margin`` is :func:`dami_jax.dami.preferences.prefer`'s near-tie margin."""
+    ``folders``; ``margin`` is :func:`dami_jax.dami.preferences.prefer`'s near-tie margin and
+    ``token_weight`` the weight of a pair two right answers make (:func:`preference_pairs`)."""
     data = read_sweeps(folders)
     fingerprints = pair.fingerprints()
     for side in ("instruct", "thinking"):
@@ -67,7 +69,7 @@ def train_router(
         raise InputError(f"only {len(train_ids)} problems on the router-training side; sweep more problems")
     problems = [data.problems[i] for i in train_ids]
     features = router_features(pair, problems, data.settings["style"], spec, out_dir, fingerprints["instruct"], progress=progress)
-    pairs = preference_pairs([data.rollouts[i] for i in train_ids], data.grid, margin)
+    pairs = preference_pairs([data.rollouts[i] for i in train_ids], data.grid, margin, token_weight)
     row = {pid: i for i, pid in enumerate(train_ids)}
     info = RouterInfo(
         grid=data.grid, spec=spec, fingerprint=fingerprints["instruct"],
@@ -78,5 +80,5 @@ def train_router(
     validation = (np.asarray([row[i] for i in val_ids], np.int32), outcome_table([data.rollouts[i] for i in val_ids], data.grid))
     return train_pref_router(
         features, pairs.subset([row[i] for i in fit_ids]), pairs.subset([row[i] for i in val_ids]), info, out_dir, config,
-        validation=validation if val_ids else None, data_id=f"{data.digest}/margin={margin}", progress=progress,
+        validation=validation if val_ids else None, data_id=f"{data.digest}/margin={margin}/token_weight={token_weight}", progress=progress,
     )  # fmt: skip

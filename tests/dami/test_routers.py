@@ -65,8 +65,15 @@ def test_preference_pairs_index_the_grid():
     got = sorted(zip(pairs.query.tolist(), pairs.win.tolist(), pairs.lose.tolist()))
     assert got == [(0, 0, 1), (0, 0, 2), (1, 2, 0), (1, 2, 1)]
     assert len(pairs.subset([1])) == 2
+    assert pairs.weight.tolist() == [1.0] * 4  # every pair alike by default
+    weighed = preference_pairs(rollouts, grid, token_weight=0.25)
+    by_pair = dict(zip(zip(weighed.query.tolist(), weighed.win.tolist(), weighed.lose.tolist()), weighed.weight.tolist()))
+    assert by_pair == {(0, 0, 1): 0.25, (0, 0, 2): 0.25, (1, 2, 0): 1.0, (1, 2, 1): 1.0}  # only the token pairs weigh less
+    assert weighed.subset([0]).weight.tolist() == [0.25, 0.25]
     with pytest.raises(ValueError, match="not on the grid"):
         preference_pairs([[Rollout(0.3, True, 1)]], grid)
+    with pytest.raises(ValueError, match="token_weight"):
+        preference_pairs(rollouts, grid, token_weight=0.0)
 
 
 def test_split_is_by_id_alone():
@@ -112,6 +119,8 @@ def test_bradley_terry_loss_and_gradient_by_hand():
     grad_win = jax.grad(bradley_terry_loss)(s_win, s_lose)
     sigmoid = lambda z: 1 / (1 + np.exp(-z))
     np.testing.assert_allclose(grad_win, [-sigmoid(-2.0) / 2, -sigmoid(1.0) / 2], rtol=1e-6)
+    weighted = (3 * np.log1p(np.exp(-2.0)) + np.log1p(np.exp(1.0))) / 4  # a weighted mean of the same terms
+    np.testing.assert_allclose(bradley_terry_loss(s_win, s_lose, jnp.asarray([3.0, 1.0])), weighted, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- training on synthetic data
@@ -161,6 +170,21 @@ def test_cost_weight_moves_queries_to_cheaper_lambdas(trained):
     router, _, features, _, _ = trained
     plain, thrifty = router.lambdas(features), router.lambdas(features, cost_weight=5.0)
     assert thrifty.mean() < plain.mean() and np.all(thrifty <= plain)  # costs grow with lambda here
+
+
+@pytest.mark.parametrize("token_weight, routed", [(1.0, 0.0), (0.25, 1.0)])
+def test_token_weight_puts_accuracy_first_across_alike_queries(tmp_path, token_weight, routed):
+    """Queries the features cannot tell apart: lambda 0 is right on 60% of them at 10 tokens,
+    lambda 1 on all at 50. Equal weights let the 60% "shorter" pairs outvote the 40% "right"
+    pairs (route to 0: 60% accuracy); weighing token pairs at 0.25 routes to 1 (100%)."""
+    grid = (0.0, 1.0)
+    rollouts = [[Rollout(0.0, i % 5 < 3, 10), Rollout(1.0, True, 50)] for i in range(100)]
+    features = np.ones((100, 3), np.float32)
+    pairs = preference_pairs(rollouts, grid, token_weight=token_weight)
+    info = RouterInfo(grid, FeatureSpec(), "fp", {"template": "instruct", "style": "toy"}, (10.0, 50.0), 3)
+    config = TrainConfig(hidden=0, max_epochs=60, patience=60, learning_rate=3e-2)
+    router = train_pref_router(features, pairs, pairs.subset([]), info, tmp_path, config, progress=False)
+    assert set(router.lambdas(features).tolist()) == {routed}
 
 
 def test_orbax_round_trip(trained):
