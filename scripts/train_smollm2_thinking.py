@@ -181,19 +181,25 @@ def train(base_folder: Path, run: Path, s: Settings, stop_after: int | None = No
     return update, stats, cfg, base
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line; its defaults are the shipped update's settings (training.json)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, default=None, help="base HF folder (default: SmolLM2-135M-Instruct, converted)")
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "smollm2-thinking", help="checkpoints and stats (resumable)")
     ap.add_argument("--out", type=Path, default=SMOLLM2_THINKING_DIR, help="where the update file and its README go")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=320)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--word-fraction", type=float, default=0.5, help="share of word problems (the rest: toy chains)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-after", type=int, default=None, help="stop at this step, as an interruption would")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = arguments()
     args = ap.parse_args(argv)
     if min(args.rank, args.steps, args.batch) < 1 or not 0 <= args.word_fraction <= 1 or args.lr <= 0:
         ap.error("--rank, --steps and --batch must be >= 1, --lr > 0 and --word-fraction in [0, 1]")

@@ -95,3 +95,13 @@ def test_training_examples_are_the_evaluation_prompts_plus_a_worked_answer(train
     assert prompt.endswith("<|im_start|>assistant\n<think>\n") and "put your final answer within \\boxed{}" in prompt
     with pytest.raises(AssertionError, match="a held-out question was drawn"):
         train.Batches(tokenizer, settings(train, tiny_base), held_out={train.question_hash("a=1, b=a+1. b=?")}).encode("a=1, b=a+1. b=?", "", 2)
+
+
+def test_the_defaults_are_the_shipped_updates_settings(train):
+    """Running the script without options reproduces the shipped update: its defaults are the
+    settings training.json records."""
+    shipped = json.loads((ROOT / "dami_jax" / "models" / "smollm2-thinking" / "training.json").read_text())
+    defaults = train.arguments().parse_args([])
+    assert {k: getattr(defaults, k) for k in ("rank", "steps", "batch", "lr", "warmup", "seed", "word_fraction")} == {
+        k: shipped[k] for k in ("rank", "steps", "batch", "lr", "warmup", "seed", "word_fraction")
+    }
