@@ -250,7 +250,8 @@ def train_pref_router(
     write_atomic(folder / META_FILE, json.dumps({"settings": settings, "done": False}, indent=1) + "\n")
 
     x_all = jnp.asarray(features, jnp.float32)
-    val = tuple(jnp.asarray(a) for a in (val_pairs.query, val_pairs.win, val_pairs.lose, val_pairs.weight))
+    on_device = lambda pairs: tuple(jnp.asarray(a) for a in (pairs.query, pairs.win, pairs.lose, pairs.weight))
+    train, val = on_device(train_pairs), on_device(val_pairs)  # (query, win, lose, weight), copied once
     bar = tqdm(total=config.max_epochs, initial=record["epoch"], desc="train-router", unit="epoch", disable=not progress)
     with bar:
         while record["epoch"] < config.max_epochs and record["epoch"] - record["best_epoch"] < config.patience:
@@ -258,9 +259,9 @@ def train_pref_router(
             order = np.random.default_rng([config.seed, epoch]).permutation(len(train_pairs))
             for lo in range(0, len(order), config.batch_size):
                 idx = order[lo : lo + config.batch_size]
-                q, win, lose, weight = (jnp.asarray(a[idx]) for a in (train_pairs.query, train_pairs.win, train_pairs.lose, train_pairs.weight))
+                q, win, lose, weight = (a[idx] for a in train)
                 _train_step(net, optimizer, x_all[q], win, lose, weight)
-            train_loss, train_acc = _evaluate(net, x_all[train_pairs.query], *(jnp.asarray(a) for a in (train_pairs.win, train_pairs.lose, train_pairs.weight)))
+            train_loss, train_acc = _evaluate(net, x_all[train[0]], *train[1:])
             row = {"epoch": epoch, "train_loss": float(train_loss), "train_accuracy": float(train_acc)}
             if len(val_pairs):
                 val_loss, val_acc = _evaluate(net, x_all[val[0]], *val[1:])
