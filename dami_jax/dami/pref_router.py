@@ -238,53 +238,51 @@ def train_pref_router(
     optimizer = _optimizer(net, config, steps_per_epoch)
     best = _pure(net)
     record = {"epoch": 0, "history": [], "best_epoch": 0, "best": None}
-    manager = _manager(folder)
-    if manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({"net": _pure(net), "optimizer": _pure(optimizer), "best": best}),
-            record=ocp.args.JsonRestore(),
-        ))  # fmt: skip
-        _restore_into(net, restored["state"]["net"])
-        _restore_into(optimizer, restored["state"]["optimizer"])
-        best, record = restored["state"]["best"], restored["record"]
-    write_atomic(folder / META_FILE, json.dumps({"settings": settings, "done": False}, indent=1) + "\n")
-
-    x_all = jnp.asarray(features, jnp.float32)
-    on_device = lambda pairs: tuple(jnp.asarray(a) for a in (pairs.query, pairs.win, pairs.lose, pairs.weight))
-    train, val = on_device(train_pairs), on_device(val_pairs)  # (query, win, lose, weight), copied once
-    bar = tqdm(total=config.max_epochs, initial=record["epoch"], desc="train-router", unit="epoch", disable=not progress)
-    with bar:
-        while record["epoch"] < config.max_epochs and record["epoch"] - record["best_epoch"] < config.patience:
-            epoch = record["epoch"] + 1
-            order = np.random.default_rng([config.seed, epoch]).permutation(len(train_pairs))
-            for lo in range(0, len(order), config.batch_size):
-                idx = order[lo : lo + config.batch_size]
-                q, win, lose, weight = (a[idx] for a in train)
-                _train_step(net, optimizer, x_all[q], win, lose, weight)
-            train_loss, train_acc = _evaluate(net, x_all[train[0]], *train[1:])
-            row = {"epoch": epoch, "train_loss": float(train_loss), "train_accuracy": float(train_acc)}
-            if len(val_pairs):
-                val_loss, val_acc = _evaluate(net, x_all[val[0]], *val[1:])
-                row.update(val_loss=float(val_loss), val_accuracy=float(val_acc))
-            if validation is not None:
-                choice = np.argmax(np.asarray(_scores(net, x_all[validation[0]])), axis=-1)
-                row["routed_accuracy"], row["routed_tokens"] = validation[1].routed(choice)
-                monitored = [-row["routed_accuracy"], row["routed_tokens"]]
-            else:
-                split = "val" if len(val_pairs) else "train"
-                monitored = [-row[f"{split}_accuracy"], row[f"{split}_loss"]]
-            if record["best"] is None or monitored < record["best"]:
-                best, record["best_epoch"], record["best"] = _pure(net), epoch, monitored
-            record["epoch"] = epoch
-            record["history"].append(row)
-            manager.save(epoch, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"net": _pure(net), "optimizer": _pure(optimizer), "best": best}),
-                record=ocp.args.JsonSave(record),
+    with _manager(folder) as manager:  # closing waits for the last save to land, on Ctrl-C too
+        if manager.latest_step() is not None:
+            restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore({"net": _pure(net), "optimizer": _pure(optimizer), "best": best}),
+                record=ocp.args.JsonRestore(),
             ))  # fmt: skip
-            bar.set_postfix_str(", ".join(f"{k} {row[k]:.3f}" for k in ("val_accuracy", "routed_accuracy") if k in row))
-            bar.update(1)
-    manager.wait_until_finished()
-    manager.close()
+            _restore_into(net, restored["state"]["net"])
+            _restore_into(optimizer, restored["state"]["optimizer"])
+            best, record = restored["state"]["best"], restored["record"]
+        write_atomic(folder / META_FILE, json.dumps({"settings": settings, "done": False}, indent=1) + "\n")
+
+        x_all = jnp.asarray(features, jnp.float32)
+        on_device = lambda pairs: tuple(jnp.asarray(a) for a in (pairs.query, pairs.win, pairs.lose, pairs.weight))
+        train, val = on_device(train_pairs), on_device(val_pairs)  # (query, win, lose, weight), copied once
+        bar = tqdm(total=config.max_epochs, initial=record["epoch"], desc="train-router", unit="epoch", disable=not progress)
+        with bar:
+            while record["epoch"] < config.max_epochs and record["epoch"] - record["best_epoch"] < config.patience:
+                epoch = record["epoch"] + 1
+                order = np.random.default_rng([config.seed, epoch]).permutation(len(train_pairs))
+                for lo in range(0, len(order), config.batch_size):
+                    idx = order[lo : lo + config.batch_size]
+                    q, win, lose, weight = (a[idx] for a in train)
+                    _train_step(net, optimizer, x_all[q], win, lose, weight)
+                train_loss, train_acc = _evaluate(net, x_all[train[0]], *train[1:])
+                row = {"epoch": epoch, "train_loss": float(train_loss), "train_accuracy": float(train_acc)}
+                if len(val_pairs):
+                    val_loss, val_acc = _evaluate(net, x_all[val[0]], *val[1:])
+                    row.update(val_loss=float(val_loss), val_accuracy=float(val_acc))
+                if validation is not None:
+                    choice = np.argmax(np.asarray(_scores(net, x_all[validation[0]])), axis=-1)
+                    row["routed_accuracy"], row["routed_tokens"] = validation[1].routed(choice)
+                    monitored = [-row["routed_accuracy"], row["routed_tokens"]]
+                else:
+                    split = "val" if len(val_pairs) else "train"
+                    monitored = [-row[f"{split}_accuracy"], row[f"{split}_loss"]]
+                if record["best"] is None or monitored < record["best"]:
+                    best, record["best_epoch"], record["best"] = _pure(net), epoch, monitored
+                record["epoch"] = epoch
+                record["history"].append(row)
+                manager.save(epoch, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"net": _pure(net), "optimizer": _pure(optimizer), "best": best}),
+                    record=ocp.args.JsonSave(record),
+                ))  # fmt: skip
+                bar.set_postfix_str(", ".join(f"{k} {row[k]:.3f}" for k in ("val_accuracy", "routed_accuracy") if k in row))
+                bar.update(1)
     _restore_into(net, best)
     with ocp.StandardCheckpointer() as checkpointer:
         target = (folder / "best").absolute()

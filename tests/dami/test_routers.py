@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -221,6 +222,8 @@ def test_training_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_pref_router(features, fit, val, info_for(features), tmp_path, config, data_id="synthetic", progress=False)
     assert not json.loads((tmp_path / META_FILE).read_text())["done"]
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:  # epoch 2's save landed before the interrupt returned
+        assert manager.all_steps() == [2]
     with pytest.raises(InputError, match="did not finish"):
         load_pref_router(tmp_path)
     monkeypatch.setattr(pref_router, "_train_step", real_step)
