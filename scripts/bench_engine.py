@@ -2,7 +2,8 @@
 (tokens that end up in a result), slot occupancy, prefill vs decode time and compilations, float32,
 greedy, measured in one run. Every workload runs once to compile, then once timed, for both sides.
 
-    python scripts/bench_engine.py [--router DIR] [--slots 8] [--toy-requests 160] [--smollm2-requests 96] [--workloads toy smollm2]
+    python scripts/bench_engine.py [--router DIR] [--slots 8] [--toy-requests 160] [--smollm2-requests 96]
+                                   [--workloads toy smollm2 live]
 
 1. The toy pair on a route-eval mix: ``--toy-requests`` held-out problems of the easy-heavy mix at
    the lambdas a router picks for them, up to ``--toy-new-tokens``: DAMI-Pref with ``--router``
@@ -16,6 +17,12 @@ greedy, measured in one run. Every workload runs once to compile, then once time
    budgets are heavy-tailed (lognormal, clipped to [8, 512]); no stop ids, so every request uses
    its whole budget. Static: ``dj.generate`` batches of ``--slots`` in arrival order, each until
    its largest budget.
+4. Cost follows live work, SmolLM2-135M: one stream (a ~100-token prompt, ``--live-tokens`` new
+   tokens) on an engine of ``--slots`` slots at ``max_len`` 8192 and 512 against ``dj.generate``
+   at batch 1 on the same prompt; one decode step of a lone row in a rows bucket of 1 against one
+   of all slots; decode steps at live lengths of 100 to 7000 tokens, rows read live
+   (``RowLayout``'s default) against rows read whole (the engine before, ``window`` = capacity);
+   and warm-up: the compilations and seconds of ``Engine.warmup`` at 8192.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from dami_jax.dami.conf_router import ConfMap, draft_signals
 from dami_jax.dami.pair import ModelPair
 from dami_jax.dami.pref_router import load_pref_router
 from dami_jax.dami.serving import serve_static
+from dami_jax.engine.cache import RowLayout
 from dami_jax.engine.engine import Engine, EngineStats
-from dami_jax.engine.steps import Pieces, SlotState, decode, prefill
+from dami_jax.engine.requests import Request
+from dami_jax.engine.scheduler import DecodePlan, PackPlan, Plan, Running
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.router_data import mix_problems
 from dami_jax.evals.router_training import router_features
@@ -167,34 +176,50 @@ def budget_steps(requests: Sequence[dict], rows: Sequence[list[int]], slots: int
 # --------------------------------------------------------------------------- the engine's choices
 
 
+def call_ms(engine: Engine, plan: Plan, repeats: int = 5) -> float:
+    """Milliseconds of dispatching ``plan`` on ``engine``'s runtime and waiting for it (the best of
+    ``repeats``, after one that compiles)."""
+    def call():
+        engine.runtime.dispatch(plan)
+        return engine.runtime.state
+
+    return 1e3 * min(timed(call)[1] for _ in range(repeats))
+
+
+def decoding_engine(pair: ModelPair, slots: int, max_len: int, prompt: Sequence[int], busy: int, **options) -> Engine:
+    """An engine whose first ``busy`` slots decode ``prompt`` (no stop ids, budgets that last)."""
+    engine = Engine(pair, slots=slots, max_len=max_len, **options)
+    for _ in range(busy):
+        engine.submit(prompt, max_new_tokens=max_len - len(prompt) - 64, stop_tokens=[])
+    while any(r is not None and r.prefilling for r in engine.scheduler.table) or engine.waiting:
+        engine.step()
+    engine.step()
+    return engine
+
+
+def decode_plan(engine: Engine, rows: int, lam: float | None) -> Plan:
+    live = tuple(r is not None for r in engine.scheduler.table)
+    return Plan((), (), DecodePlan(rows, 1, lam, (), live))
+
+
 def step_costs(pair: ModelPair, slots: int, size: int) -> None:
-    """Milliseconds of one plain decode step, one mixed step, one 64-token prefill piece and one
-    interpolation at this model's shapes."""
-    dtype = jax.tree.leaves(pair.instruct)[0].dtype
-    state = {"s": SlotState.create(pair.cfg, slots, size, 8, dtype)}
-
-    def plain():
-        state["s"], *_ = decode(pair.instruct, None, state["s"], cfg=pair.cfg, steps=1)
-        return state["s"].token
-
-    def mixed():
-        state["s"], *_ = decode(pair.instruct, pair.thinking, state["s"], cfg=pair.cfg, steps=1)
-        return state["s"].token
-
-    piece = Pieces.greedy(jnp.zeros(1), jnp.zeros((1, 64)), jnp.zeros(1), stop_width=8)
-
-    def prefill_piece():
-        state["s"], token, _, _ = prefill(pair.instruct, state["s"], piece, cfg=pair.cfg, fresh=True)
-        return token
-
+    """Milliseconds of one plain decode step of every slot, one mixed step, one 64-token packed
+    prefill and one interpolation at this model's shapes."""
+    prompt = list(range(1, 40))
+    engine = decoding_engine(pair, slots, size, prompt, slots)
+    request = Request(-1, tuple(range(1, 65)), 0.0, 8, dj.GREEDY, np.zeros(2, np.uint32), (), 0.0)
+    costs = {
+        "plain step": call_ms(engine, decode_plan(engine, slots, 0.0)),
+        "mixed step": call_ms(engine, decode_plan(engine, slots, None)),
+        "prefill 64": call_ms(engine, Plan((PackPlan(0.0, 64, ((Running(request, 0), 64),)),), (), None)),
+    }
     theta = [dj.interpolate(pair.instruct, pair.thinking, 0.5)]
 
     def interpolation():
         theta[0] = dj.interpolate(pair.instruct, pair.thinking, 0.3, out=theta[0])
         return theta[0]
 
-    costs = {name: 1e3 * min(timed(fn)[1] for _ in range(3)) for name, fn in
-             (("plain step", plain), ("mixed step", mixed), ("prefill 64", prefill_piece), ("interpolation", interpolation))}  # fmt: skip
+    costs["interpolation"] = 1e3 * min(timed(interpolation)[1] for _ in range(3))
     print("  " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items())
           + f"; mixed / plain step {costs['mixed step'] / costs['plain step']:.2f}x")  # fmt: skip
 
@@ -234,18 +259,59 @@ def toy(args: argparse.Namespace) -> None:
     step_costs(pair, args.slots, max_len)
 
 
-def smollm2(args: argparse.Namespace) -> None:
+def smollm2_pair() -> ModelPair:
+    """SmolLM2-135M-Instruct in float32 as both endpoints (one model, lambda 0)."""
     folder = smollm2_checkpoint()
     cfg, params = dj.load_checkpoint(folder, dtype=jnp.float32)
     tokenizer = load_tokenizer(folder)
-    one_model = ModelPair(cfg, params, params, {"instruct": tokenizer, "thinking": tokenizer}, {"instruct": str(folder), "thinking": str(folder)})
-    requests = smollm2_workload(tokenizer, args.smollm2_requests, args.seed)
+    return ModelPair(cfg, params, params, {"instruct": tokenizer, "thinking": tokenizer}, {"instruct": str(folder), "thinking": str(folder)})
+
+
+def smollm2(args: argparse.Namespace) -> None:
+    one_model = smollm2_pair()
+    requests = smollm2_workload(one_model.tokenizers["instruct"], args.smollm2_requests, args.seed)
     budgets = np.asarray([r["max_new"] for r in requests])
     print(f"\nSmolLM2 budgets: min {budgets.min()}, median {np.median(budgets):.0f}, mean {budgets.mean():.0f}, max {budgets.max()}")
     max_len = max(len(r["prompt"]) for r in requests) + int(budgets.max())
     report("SmolLM2-135M, heavy-tailed budgets", requests, args.slots, max_len, smollm2_static(one_model), one_model, budget_steps)
     print("step costs, SmolLM2-135M (both endpoints the same weights):")
     step_costs(one_model, args.slots, max_len)
+
+
+def live(args: argparse.Namespace) -> None:
+    pair = smollm2_pair()
+    cfg, tokenizer, new = pair.cfg, pair.tokenizers["instruct"], args.live_tokens
+    prompt = chat_tokens(tokenizer, "Solve step by step: " + " ".join(p.question for p in toy_problems(2, seed=args.seed)[:3]))
+    print(f"\ncost follows live work, SmolLM2-135M: one stream, a {len(prompt)}-token prompt, {new} new tokens, {args.slots} slots")
+    _, generate_s, _, _ = timed(lambda: dj.generate(pair.instruct, cfg, [prompt], max_new_tokens=new, stop_tokens=[]).tokens)
+    print(f"  dj.generate, batch 1      : {new / generate_s:7.1f} tok/s")
+    stream_s = {}
+    for max_len in (512, 8192):
+        engine = Engine(pair, slots=args.slots, max_len=max_len)
+        engine.warmup()
+
+        def one_stream():
+            engine.submit(prompt, max_new_tokens=new, stop_tokens=[])
+            return engine.run()
+
+        _, stream_s[max_len], compiles, _ = timed(one_stream)
+        print(f"  engine, max_len {max_len:<5}    : {new / stream_s[max_len]:7.1f} tok/s  ({compiles} compiles after warm-up)")
+    print(f"  one stream at 8192 over dj.generate batch 1: {generate_s / stream_s[8192]:.2f}x; "
+          f"time at 8192 over 512: {stream_s[8192] / stream_s[512]:.2f}x")
+    engine = decoding_engine(pair, args.slots, 8192, prompt, busy=1)
+    lone, full = call_ms(engine, decode_plan(engine, 1, 0.0)), call_ms(engine, decode_plan(engine, args.slots, 0.0))
+    print(f"  a decode step of one busy slot: rows bucket 1 {lone:.1f} ms, all {args.slots} rows {full:.1f} ms ({full / lone:.2f}x)")
+    print("  one decode step of a lone row at its live length, max_len 8192 (ms): rows read live / read whole (before)")
+    rng = np.random.default_rng(args.seed)
+    for length in (100, 1000, 4000, 7000):
+        tokens = rng.integers(0, cfg.vocab_size, length).tolist()
+        engines = [decoding_engine(pair, args.slots, 8192, tokens, 1, layout=layout) for layout in (RowLayout(), RowLayout(window=8192))]
+        ms = [call_ms(e, decode_plan(e, 1, 0.0)) for e in engines]
+        print(f"    {length:5d} tokens: {ms[0]:7.1f} / {ms[1]:7.1f}  ({ms[1] / ms[0]:.2f}x)")
+    before = COMPILES.count
+    engine = Engine(pair, slots=args.slots, max_len=8192)
+    seconds = engine.warmup()
+    print(f"  warm-up at max_len 8192, {args.slots} slots: {COMPILES.count - before} compilations in {seconds:.1f} s")
 
 
 def main() -> None:
@@ -255,8 +321,9 @@ def main() -> None:
     parser.add_argument("--toy-requests", type=int, default=160)
     parser.add_argument("--toy-new-tokens", type=int, default=160)
     parser.add_argument("--smollm2-requests", type=int, default=96)
-    parser.add_argument("--workloads", nargs="+", choices=("toy", "smollm2"), default=["toy", "smollm2"],
-                        help="which workloads to run (toy: parts 1-2; smollm2: part 3)")  # fmt: skip
+    parser.add_argument("--live-tokens", type=int, default=128, help="new tokens of part 4's stream")
+    parser.add_argument("--workloads", nargs="+", choices=("toy", "smollm2", "live"), default=["toy", "smollm2", "live"],
+                        help="which workloads to run (toy: parts 1-2; smollm2: part 3; live: part 4)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, float32, greedy")
@@ -265,6 +332,8 @@ def main() -> None:
         toy(args)
     if "smollm2" in args.workloads:
         smollm2(args)
+    if "live" in args.workloads:
+        live(args)
 
 
 if __name__ == "__main__":

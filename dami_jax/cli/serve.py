@@ -43,15 +43,21 @@ def _serve(args: argparse.Namespace) -> None:
         if not (Path(args.router) / META_FILE).is_file():
             raise UsageError(f"--router {args.router}: not a router folder (no {META_FILE}; make one with dami-jax train-router) nor conf")
 
+    import jax
     import uvicorn
 
     from dami_jax.engine.engine import Engine
+    from dami_jax.models.assets import cache_dir
     from dami_jax.server.app import ServerConfig, Service, create_app
     from dami_jax.server.intensity import Intensity, load_router
 
+    # Compiled programs persist across starts: a restart loads the warm-up's compilations from disk.
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     pair = pair_from(args)
     router, router_name = load_router(args.router, pair) if args.router else (None, None)
     engine = Engine(pair, slots=args.slots, max_len=args.max_len, steps_per_call=args.steps_per_call)
+    print(f"dami-jax: {engine.sizing.describe()}; compiling every shape it can run ...", file=sys.stderr, flush=True)
+    warmup_s = engine.warmup()
     named = pair_name(args)
     name = args.model_name or (f"dami-{named}" if named else f"dami:{Path(args.instruct).name}+{Path(args.thinking).name}")
     config = ServerConfig(name, args.template, args.api_key, args.max_queue, args.drain_timeout)
@@ -64,7 +70,8 @@ def _serve(args: argparse.Namespace) -> None:
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
                 print(f"dami-jax: serving {name} on http://{host}:{port}/v1 ({engine.slots} slots, "
-                      f"{engine.context} tokens per request, router: {router_name or 'none'})", flush=True)  # fmt: skip
+                      f"{engine.context} tokens per request, router: {router_name or 'none'}; compiled in {warmup_s:.1f} s)",
+                      flush=True)  # fmt: skip
 
     server = Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
                                    timeout_graceful_shutdown=int(args.drain_timeout)))  # fmt: skip
@@ -86,8 +93,10 @@ def register(command: Command) -> None:
                        help="reasoning_effort -> lambda: a JSON object {minimal, low, medium, high} or a route-eval "
                             "summary.json (default: 0, 0.3, 0.6, 1)")  # fmt: skip
     serve.add_argument("--template", choices=TEMPLATES, default="thinking", help="whose chat template renders a request")
-    serve.add_argument("--slots", type=positive_int, metavar="N", default=8, help="requests decoded together")
-    serve.add_argument("--max-len", type=positive_int, metavar="N", help="prompt + answer tokens per request (default: the model's)")
+    serve.add_argument("--slots", type=positive_int, metavar="N",
+                       help="requests decoded together (default: 8, fewer if rows of 2048 tokens do not fit)")
+    serve.add_argument("--max-len", type=positive_int, metavar="N",
+                       help="prompt + answer tokens per request (default: what fits in the free memory, at most the model's)")
     serve.add_argument("--steps-per-call", type=positive_int, metavar="N", default=4, help="decode steps between looks at new requests")
     serve.add_argument("--max-queue", type=positive_int, metavar="N", default=64, help="waiting requests before 429")
     serve.add_argument("--drain-timeout", type=positive_float, metavar="S", default=30.0,

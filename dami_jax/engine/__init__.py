@@ -1,2 +1,3 @@
-"""Continuous batching with a lambda per slot: host loop (engine), device steps, per-slot cache,
-materialized thetas, and ``serve`` on top."""
+"""Continuous batching with a lambda per slot: requests, a scheduler in plain Python, a runtime that
+owns the device state, a per-slot cache backend read only as far as it is live, materialized
+thetas, memory sizing, the engine facade and ``serve`` on top."""

@@ -1,72 +1,190 @@
-"""The engine's KV cache: one row per slot, each row at its own length.
+"""The engine's dense cache backend: one row per slot, each at its own length, read only as far as
+it is live.
 
-:class:`dami_jax.decoding.cache.DenseKVCache` left-pads a batch to one shared length, which suits
-a batch that starts together. The engine's rows start whenever a slot frees up, so every row
-keeps its own ``length``: its request's tokens sit in slots 0..length-1 (no padding in front),
-RoPE positions count from 0, and a decode step writes each row at its own slot. A slot that is
-handed to the next request needs no clearing: everything at or past the new ``length`` is masked.
+Row s holds the request in slot s: its tokens at slots 0..length[s]-1 (no padding in front), so
+RoPE positions are slots. Handing a slot to the next request clears nothing (everything past the
+new length is invisible: attention is causal by slot), so freeing a row costs nothing.
+
+The engine reaches the cache through three views, each a :class:`dami_jax.models.model.KVCache`
+that the decoder runs on (the backend protocol, :class:`SlotCache`):
+- :meth:`SlotKVCache.packing` inserts rows: the first pieces of several prompts packed into one
+  sequence, each token written into its own row (attention stays inside each prompt; nothing is
+  read from the cache);
+- :meth:`SlotKVCache.continuing`: a later piece of one row's prompt, after its first ``offset``
+  tokens;
+- :meth:`SlotKVCache.decoding`: one new token for each of rows 0..R-1.
+A view writes only its real new tokens (a scatter; padding is dropped) and reads through
+:func:`~dami_jax.models.attention.live_attention`: the first ``window`` slots and then only the
+blocks that the longest live row reaches. So a step costs what its rows hold, not what the engine
+was sized for.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dami_jax.decoding.cache import replace_layer, write_slots
-from dami_jax.models.attention import attention
+from dami_jax.decoding.cache import replace_layer
+from dami_jax.models.attention import attention, live_attention
 from dami_jax.models.config import ModelConfig
+from dami_jax.models.model import KVCache
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """How a row is read (:func:`live_attention`): its first ``window`` slots as one static slice,
+    the rest in blocks of ``block`` that only the longest live row's reach brings in. The defaults
+    were chosen by measurement (scripts/bench_engine.py, docs/results.md): short rows pay one
+    static read and no loop; long rows pay a few loop iterations per layer on top of the reads
+    they need anyway."""
+
+    window: int = 512
+    block: int = 512
+
+    def __post_init__(self):
+        if self.window < 1 or self.block < 1:
+            raise ValueError(f"RowLayout: window and block must be >= 1, got {self.window} and {self.block}")
+
+    def capacity(self, max_len: int) -> int:
+        """Slots a row needs to hold ``max_len`` tokens: the window, then whole blocks."""
+        if max_len <= self.window:
+            return max_len
+        return self.window + -(-(max_len - self.window) // self.block) * self.block
+
+    def longest_within(self, capacity: int) -> int:
+        """The largest ``max_len`` whose row fits in ``capacity`` slots."""
+        if capacity <= self.window:
+            return capacity
+        return self.window + (capacity - self.window) // self.block * self.block
+
+
+class SlotCache(Protocol):
+    """What the engine needs from a per-slot cache backend (:class:`SlotKVCache` is the dense one).
+    Every method returns a new cache or a view (a :class:`~dami_jax.models.model.KVCache` the
+    decoder runs on, whose ``cache`` field is the updated backend after the run)."""
+
+    length: jax.Array  # int32 [slots]: tokens held per row
+
+    def packing(self, slot: jax.Array, position: jax.Array, segment: jax.Array) -> KVCache:
+        """Insert rows: packed first pieces, token p into row slot[p] at position[p] (padding: slot
+        past the last row); token p attends to the earlier tokens of its own segment."""
+
+    def continuing(self, row: jax.Array, offset: jax.Array, real: jax.Array, width: int) -> KVCache:
+        """A piece of ``width`` tokens (``real`` of them real) of one row, after ``offset`` tokens."""
+
+    def decoding(self, rows: int, active: jax.Array) -> KVCache:
+        """One token for each of rows 0..rows-1; rows where ``active`` [rows] is False neither write
+        nor advance (their outputs are meaningless)."""
 
 
 @flax.struct.dataclass
 class SlotKVCache:
-    """Per layer k, v [B, Hkv, S, hd]; row b holds ``length[b]`` tokens."""
+    """Per layer k, v [slots, Hkv, capacity, hd]; row s holds ``length[s]`` tokens."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
-    length: jax.Array  # int32 [B]
+    length: jax.Array  # int32 [slots]
+    window: int = flax.struct.field(pytree_node=False)
+    block: int = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, cfg: ModelConfig, rows: int, size: int, dtype=jnp.float32) -> "SlotKVCache":
-        shape = (rows, cfg.num_kv_heads, size, cfg.head_dim)
+    def create(cls, cfg: ModelConfig, slots: int, max_len: int, dtype=jnp.float32, layout: RowLayout = RowLayout()
+               ) -> "SlotKVCache":  # fmt: skip
+        capacity = layout.capacity(max_len)
+        shape = (slots, cfg.num_kv_heads, capacity, cfg.head_dim)
+
         def zeros():  # a buffer of its own for every leaf: the cache is donated
             return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
 
-        return cls(k=zeros(), v=zeros(), length=jnp.zeros((rows,), jnp.int32))
+        return cls(k=zeros(), v=zeros(), length=jnp.zeros((slots,), jnp.int32), window=min(capacity, layout.window),
+                   block=layout.block)  # fmt: skip
 
     @property
-    def size(self) -> int:
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
         return self.k[0].shape[2]
 
+    def write(self, layer: int, k: jax.Array, v: jax.Array, rows: jax.Array, slots: jax.Array) -> "SlotKVCache":
+        """k, v [R, T, Hkv, hd] written at (rows, slots) int32 [R, T]; a row index past the last
+        row drops that token (padding). In place when the cache is donated or loop-carried."""
+
+        def put(cache: jax.Array, new: jax.Array) -> jax.Array:
+            return cache.at[rows, :, slots].set(new.astype(cache.dtype), mode="drop")
+
+        return self.replace(k=replace_layer(self.k, layer, put(self.k[layer], k)),
+                            v=replace_layer(self.v, layer, put(self.v[layer], v)))  # fmt: skip
+
+    def packing(self, slot: jax.Array, position: jax.Array, segment: jax.Array) -> "PackedView":
+        return PackedView(self, slot, position, segment)
+
+    def continuing(self, row: jax.Array, offset: jax.Array, real: jax.Array, width: int) -> "RowsView":
+        steps = jnp.arange(width)
+        slots = offset + jnp.minimum(steps, real - 1)  # padding queries sit on the last real slot
+        return RowsView(self, jnp.asarray(row, jnp.int32), slots[None], (steps < real)[None])
+
+    def decoding(self, rows: int, active: jax.Array) -> "RowsView":
+        # An idle row queries slot 0 only, so that its stale length never widens the read.
+        slots = jnp.where(active, self.length[:rows], 0)[:, None]
+        return RowsView(self, jnp.zeros((), jnp.int32), slots, active[:, None])
+
+
+@flax.struct.dataclass
+class RowsView:
+    """Rows first_row..first_row+R-1 of a :class:`SlotKVCache`, T new tokens each."""
+
+    cache: SlotKVCache
+    first_row: jax.Array  # int32 []
+    slots: jax.Array  # int32 [R, T]: each new token's slot in its row (its RoPE position)
+    written: jax.Array  # bool [R, T]: the token is real (written, counted in the row's length)
+
     def positions(self, num_tokens: int) -> jax.Array:
-        return self.length[:, None] + jnp.arange(num_tokens)[None, :]
+        return self.slots
 
     def wants_next_query(self, layer: int) -> bool:
         return False
 
-    def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "SlotKVCache"]:
-        # A row past its request (an idle slot) may have run to the end: clamped, its write stays
-        # inside the row, where the next request's prefill overwrites it.
-        at = jnp.minimum(self.length, self.size - q.shape[1])
-        ks, vs = write_slots((self.k[layer], self.v[layer]), (k, v), at)
-        query_slots = self.positions(q.shape[1])  # [B, T]: a row's positions are its slots
-        mask = jnp.arange(self.size)[None, None, :] <= query_slots[:, :, None]
-        out = attention(q, ks, vs, mask)
-        return out, self.replace(k=replace_layer(self.k, layer, ks), v=replace_layer(self.v, layer, vs))
+    def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "RowsView"]:
+        rows = self.first_row + jnp.arange(self.slots.shape[0])[:, None]
+        cache = self.cache.write(layer, k, v, jnp.where(self.written, rows, self.cache.slots), self.slots)
+        out = live_attention(q, cache.k[layer], cache.v[layer], self.first_row, self.slots,
+                             window=cache.window, block=cache.block)  # fmt: skip
+        return out, self.replace(cache=cache)
 
-    def advance(self, num_tokens: int) -> "SlotKVCache":
-        return self.replace(length=self.length + num_tokens)
+    def advance(self, num_tokens: int) -> "RowsView":
+        rows = self.first_row + jnp.arange(self.slots.shape[0])
+        grown = jnp.max(jnp.where(self.written, self.slots + 1, 0), axis=1)
+        length = self.cache.length.at[rows].max(grown)
+        return self.replace(cache=self.cache.replace(length=length))
 
-    def rows(self, indices: jax.Array) -> "SlotKVCache":
-        """Rows ``indices`` int32 [n] as a cache of n rows (for prefilling requests into their
-        slots). An index past the last row reads the last row: a padding row, see :meth:`with_rows`."""
-        take = lambda x: jnp.take(x, indices, axis=0, mode="clip")  # noqa: E731
-        return SlotKVCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)), length=take(self.length))
 
-    def with_rows(self, indices: jax.Array, rows: "SlotKVCache") -> "SlotKVCache":
-        """This cache with rows ``indices`` replaced by ``rows`` (their first ``rows.size``
-        slots, when ``rows`` is shorter); an index past the last row (a padding row of the batch)
-        is dropped."""
-        put = lambda x, r: x.at[indices, :, : r.shape[2]].set(r, mode="drop")  # noqa: E731
-        return SlotKVCache(k=tuple(map(put, self.k, rows.k)), v=tuple(map(put, self.v, rows.v)),
-                           length=self.length.at[indices].set(rows.length, mode="drop"))  # fmt: skip
+@flax.struct.dataclass
+class PackedView:
+    """First prompt pieces packed into one sequence of P tokens, each going into its own row."""
+
+    cache: SlotKVCache
+    slot: jax.Array  # int32 [P]: the token's row; past the last row for padding (dropped)
+    position: jax.Array  # int32 [P]: its slot in that row (its RoPE position)
+    segment: jax.Array  # int32 [P]: which prompt of the pack it belongs to
+
+    def positions(self, num_tokens: int) -> jax.Array:
+        return self.position[None]
+
+    def wants_next_query(self, layer: int) -> bool:
+        return False
+
+    def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "PackedView"]:
+        cache = self.cache.write(layer, k, v, self.slot[None], self.position[None])
+        order = jnp.arange(self.segment.shape[0])
+        mask = (self.segment[:, None] == self.segment[None, :]) & (order[None, :] <= order[:, None])
+        return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask[None]), self.replace(cache=cache)
+
+    def advance(self, num_tokens: int) -> "PackedView":
+        # A new row's length is its piece's: reset, then the largest position + 1 (duplicate-safe).
+        length = self.cache.length.at[self.slot].set(0, mode="drop").at[self.slot].max(self.position + 1, mode="drop")
+        return self.replace(cache=self.cache.replace(length=length))

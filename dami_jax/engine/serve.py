@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import jax
@@ -15,26 +14,12 @@ from dami_jax.dami.serving import check_lambdas, row_keys, stop_rows
 from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
 from dami_jax.decoding.generation import PROMPT_BUCKET, Generation
 from dami_jax.decoding.sampling import GREEDY, Sampling
-from dami_jax.engine.engine import Engine
+from dami_jax.engine.cache import RowLayout
+from dami_jax.engine.engine import THETA_CACHE, Engine, tree_bytes
+from dami_jax.engine.memory import size_engine
 from dami_jax.errors import InputError
 
-MAX_DEFAULT_SLOTS = 64  # dj.serve's default slot count never exceeds this (nor the number of prompts)
-KV_MEMORY_SHARE = 0.25  # ... nor what fits in this share of the free device (or host) memory
-
-
-def default_slots(pair: ModelPair, prompts: int, max_len: int) -> int:
-    """As many slots as there are prompts, up to ``MAX_DEFAULT_SLOTS`` and to what fits: the KV
-    rows (``max_len`` tokens each) in ``KV_MEMORY_SHARE`` of the memory the device reports free
-    (on a CPU, the host's available memory)."""
-    cfg = pair.cfg
-    itemsize = jax.tree.leaves(pair.instruct)[0].dtype.itemsize
-    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * max_len * itemsize
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, min(prompts, MAX_DEFAULT_SLOTS, int(free * KV_MEMORY_SHARE // per_slot)))
+MAX_DEFAULT_SLOTS = 64  # dj.serve's default slot count never exceeds this (nor the number of prompts, nor what fits)
 
 
 def serve(
@@ -58,8 +43,9 @@ def serve(
 
     ``max_new_tokens``: one budget, or one per prompt. ``key``: one PRNG key, split into one per
     prompt, or one per prompt [B]; either way a row's tokens depend on its own key only.
-    ``stop_tokens``: shared or per prompt (default: the pair's EOS ids). ``slots``: default
-    :func:`default_slots`. ``engine_options``: the engine's other settings (``steps_per_call``,
+    ``stop_tokens``: shared or per prompt (default: the pair's EOS ids). ``slots``: default one
+    per prompt, at most ``MAX_DEFAULT_SLOTS`` and what fits in memory
+    (:func:`~dami_jax.engine.memory.size_engine`). ``engine_options``: the engine's other settings (``steps_per_call``,
     ``theta_cache``, ...); ``admission`` defaults to ``"lambda"`` here (every prompt is known up
     front, so the slots may walk the lambdas in order). Every argument and prompt is checked
     before any work.
@@ -73,7 +59,11 @@ def serve(
     keys = row_keys(key, sampling, count)
     max_len = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET + max(int(b) for b in budgets)
     max_len = min(max_len, pair.cfg.max_position_embeddings)
-    slots = default_slots(pair, count, max_len) if slots is None else slots
+    if slots is None:
+        itemsize = jax.tree.leaves(pair.instruct)[0].dtype.itemsize
+        thetas = engine_options.get("theta_cache", THETA_CACHE) * tree_bytes(pair.instruct)
+        layout = engine_options.get("layout", RowLayout())
+        slots = size_engine(pair.cfg, itemsize, thetas, None, max_len, layout, most_slots=min(count, MAX_DEFAULT_SLOTS)).slots
     engine_options.setdefault("admission", "lambda")
     engine = Engine(pair, slots=slots, max_len=max_len, extrapolate=extrapolate, cache=cache, **engine_options)
     for i, prompt in enumerate(prompts):

@@ -46,3 +46,10 @@ class ThetaCache:
         if self.capacity:
             self._kept[lam] = theta
         return theta
+
+    def warmup(self) -> None:
+        """Compile the interpolations :meth:`get` runs (a new tree; one written over a kept one)."""
+        theta = interpolate(self.pair.instruct, self.pair.thinking, 0.5, extrapolate=self.extrapolate)
+        if self.capacity:
+            theta = interpolate(self.pair.instruct, self.pair.thinking, 0.5, out=theta, extrapolate=self.extrapolate)
+        jax.block_until_ready(theta)

@@ -1,6 +1,7 @@
 """The engine: streams of requests through few slots, each result against ``dj.generate`` on
 theta(lambda) for that prompt alone (greedy and sampled), validation that refuses before a slot is
-taken, streaming, cancellation, chunked prefill between decode steps, and in-place cache updates."""
+taken, streaming, cancellation, chunked prefill between decode steps, decode steps that read only
+live tokens, no compilation after warm-up, and in-place cache updates."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 import dami_jax as dj
 from dami_jax.dami.serving import serve_static
 from dami_jax.decoding.sampling import sample_rows, sample_tokens
+from dami_jax.engine.cache import RowLayout, SlotKVCache
 from dami_jax.engine.engine import Engine
-from dami_jax.engine.steps import Pieces, SlotState, decode, prefill
+from dami_jax.engine.steps import Pack, Piece, SlotState, Starts, decode, prefill
 from dami_jax.errors import InputError
 from dami_jax.evals.plots import plot_occupancy
 from dami_jax.evals.prompts import prompt_tokens
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("highest_precision")
 
 LAMBDAS = (0.0, 1.0, 0.3, 0.5, 0.8)
 BUDGETS = (6, 24, 80)  # 80 lets the thinking answers finish on their own; 6 and 24 cut most
+SMALL_BLOCKS = RowLayout(window=32, block=32)  # rows read in several blocks, as long rows are on real models
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def expected(pair, stream):
 
 
 def test_a_stream_through_four_slots_equals_each_prompt_alone(pair, stream, expected, tmp_path):
-    engine = Engine(pair, slots=4, max_len=192)
+    engine = Engine(pair, slots=4, max_len=192, layout=SMALL_BLOCKS)
     ids = [engine.submit(p, lam=lam, max_new_tokens=n) for p, lam, n in stream]
     results = engine.run()
     assert [r.id for r in results] == ids
@@ -134,8 +137,10 @@ def test_tailorkv_is_refused_with_what_it_lacks(pair):
         dj.serve(pair, [[5, 6, 7]], [0.5], cache=dj.TAILORKV_1)
     with pytest.raises(InputError, match="slots: must be an integer >= 1"):
         Engine(pair, slots=0)
-    with pytest.raises(InputError, match="prefill_chunk: must be a multiple of 32"):
+    with pytest.raises(InputError, match="prefill_chunk: must be a power of two, got 40"):
         Engine(pair, prefill_chunk=40)
+    with pytest.raises(InputError, match="max_len: must be an integer >= 2, got 1"):
+        Engine(pair, max_len=1)
 
 
 def test_streamed_tokens_add_up_to_the_results(pair, stream, expected):
@@ -173,18 +178,56 @@ def test_a_long_prompt_is_prefilled_in_pieces_between_decode_steps(pair, stream)
     filler = tokenizer.encode(" a=1, b=a+1." * 12, add_special_tokens=False)
     long_prompt = filler + prompt_tokens(tokenizer, long_problem, "toy")
     assert len(long_prompt) > 200
-    engine = Engine(pair, slots=2, max_len=320, prefill_chunk=64, steps_per_call=1)
+    engine = Engine(pair, slots=2, max_len=320, prefill_chunk=64, steps_per_call=1, layout=SMALL_BLOCKS)
     short = engine.submit(stream[0][0], lam=0.0, max_new_tokens=40, stop_tokens=[])
-    engine.step()  # the short request is decoding
+    assert engine.step() == []  # dispatched; its tokens come back with the next step
     late = engine.submit(long_prompt, lam=0.5, max_new_tokens=24)
     pieces = -(-len(long_prompt) // 64)
-    order = [e.id for _ in range(pieces - 1) for e in engine.step()]
-    assert late not in order and order.count(short) == pieces - 1  # the short one got a token every step
-    assert late in [e.id for e in engine.step()]  # the last piece: its first token
+    while_prefilling = [{e.id for e in engine.step()} for _ in range(pieces)]  # each step dispatches one piece
+    assert all(ids == {short} for ids in while_prefilling)  # the short one got a token every step meanwhile
+    assert late in {e.id for e in engine.step()}  # the last piece's first token
     results = {r.id: r.tokens for r in engine.results()}
     assert results[late] == alone(pair, long_prompt, 0.5, 24).token_lists()[0]
     assert results[short] == alone(pair, stream[0][0], 0.0, 40, stop_tokens=[]).token_lists()[0]
     assert engine.stats.prefill_pieces == 1 + pieces
+
+
+def test_decode_steps_read_only_the_live_blocks_of_each_row(pair, stream, expected):
+    """Slots past what any request reaches hold NaNs: a step that read them would turn its
+    tokens to garbage (0 * nan in the attention's value product). Idle slots hold NaNs too."""
+    engine = Engine(pair, slots=4, max_len=512, layout=SMALL_BLOCKS)
+    cache = engine.runtime.state.cache
+    poison = dict(k=tuple(x.at[:, :, 256:].set(jnp.nan) for x in cache.k), v=tuple(x.at[:, :, 256:].set(jnp.nan) for x in cache.v))
+    engine.runtime.state = engine.runtime.state.replace(cache=cache.replace(**poison))
+    for p, lam, n in stream[:6]:
+        engine.submit(p, lam=lam, max_new_tokens=n)
+    results = engine.run()
+    assert [r.tokens for r in results] == expected[:6]
+    assert max(len(p) + n for p, _, n in stream[:6]) <= 224  # every row stays in the blocks below the poison
+
+
+def test_no_compilation_after_warmup_across_every_kind_of_change(pair, stream):
+    """Lambdas (endpoints, kept and evicted thetas, mixed steps), prompt lengths (packed widths,
+    later pieces), rows crossing blocks, slots freeing and refilling, sampling, cancellation."""
+    tokenizer = pair.tokenizers["thinking"]
+    long_prompt = tokenizer.encode(" a=1, b=a+1." * 10, add_special_tokens=False) + stream[3][0]
+    engine = Engine(pair, slots=4, max_len=320, prefill_chunk=64, layout=SMALL_BLOCKS)
+    keys = [jax.random.key(i) for i in range(4)]
+    engine.warmup()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+    for i, (p, lam, n) in enumerate(stream[:24]):
+        engine.submit(long_prompt if i % 7 == 3 else p, lam=lam, max_new_tokens=n * 2,
+                      sampling=dj.Sampling(temperature=1.0, top_p=0.9) if i % 5 == 0 else dj.GREEDY,
+                      key=keys[i % 4] if i % 5 == 0 else None)  # fmt: skip
+    early = [e.result for _ in range(6) for e in engine.step() if e.result is not None]
+    running = next(r.request.id for r in engine.scheduler.table if r is not None)
+    assert engine.cancel(running).finish_reason == "cancelled"
+    results = early + engine.run()
+    assert len(results) == 23 and engine.stats.interpolations >= 3 and 0 < engine.stats.mixed_steps
+    assert compiles == []
 
 
 def test_serve_takes_one_budget_per_prompt_and_keeps_the_order(pair, stream, expected):
@@ -202,21 +245,26 @@ def test_serve_takes_one_budget_per_prompt_and_keeps_the_order(pair, stream, exp
         dj.serve(pair, list(prompts[:2]), [0.0, 2.0])
 
 
-@pytest.mark.parametrize("batch, num_kv_heads", [(1, 1), (4, 2)])
-def test_engine_steps_update_the_donated_cache_in_place(batch, num_kv_heads):
-    size = 777  # a cache length no other array in the step has
+@pytest.mark.parametrize("slots, num_kv_heads", [(1, 1), (4, 2)])
+def test_engine_steps_update_the_donated_cache_in_place(slots, num_kv_heads):
+    size = 777  # a cache length no other array in the step has: a window of 9, then 24 blocks of 32
     cfg = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=4, num_kv_heads=num_kv_heads, head_dim=16, max_position_embeddings=1024)  # fmt: skip
     with jax.default_device(jax.devices("cpu")[0]):
         params = dj.init_params(cfg, jax.random.key(0))
-        state = SlotState.create(cfg, batch, size, 4, jnp.float32)
-        lowered = {  # a slot index past the last one: a padding row
-            "decode": decode.lower(params, None, state, cfg=cfg, steps=4),
-            "mixed decode": decode.lower(params, params, state, cfg=cfg, steps=1),
-            "prefill": prefill.lower(params, state, Pieces.greedy([0, batch], jnp.zeros((2, 32)), [3, 0], 4), cfg=cfg, fresh=False),
-            "first prefill": prefill.lower(params, state, Pieces.greedy([0, batch], jnp.zeros((2, 32)), [0, 0], 4), cfg=cfg, fresh=True),
+        state = SlotState.create(SlotKVCache.create(cfg, slots, size, jnp.float32, RowLayout(window=9, block=32)), 4)
+        assert state.cache.capacity == size
+        starts = jax.tree.map(lambda x: x[:1], state.settings)
+        one = Starts(slot=jnp.zeros(1, jnp.int32), last=jnp.zeros(1, jnp.int32), starts=jnp.ones(1, bool), settings=starts)
+        zeros = jnp.zeros(32, jnp.int32)
+        live, steps = jnp.ones(slots, bool), jnp.int32(2)
+        lowered = {
+            "decode": decode.lower(params, None, state, live, steps, cfg=cfg, rows=slots, max_steps=4),
+            "mixed decode": decode.lower(params, params, state, live, steps, cfg=cfg, rows=1, max_steps=4),
+            "packed prefill": prefill.lower(params, state, Pack(zeros, zeros, zeros, zeros), one, cfg=cfg),
+            "later piece": prefill.lower(params, state, Piece(zeros, jnp.int32(0), jnp.int32(40), jnp.int32(7)), one, cfg=cfg),
         }
-        cache_shape = rf"f32\[{batch},{num_kv_heads},{size},{cfg.head_dim}\]"
+        cache_shape = rf"f32\[{slots},{num_kv_heads},{size},{cfg.head_dim}\]"
         for name, step in lowered.items():
             hlo = step.compile().as_text()
             assert re.search(cache_shape, hlo), name
