@@ -36,14 +36,14 @@ from tqdm import tqdm
 
 from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache
 from dami_jax.evals.timing import call_times, copy_times
-from dami_jax.kernels import decode_attention as pallas_dense
-from dami_jax.kernels import quant_attention as pallas_quant
 from dami_jax.models.attention import attention
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.params import param_shapes
 from dami_jax.tailorkv.cache import PRESETS, TailorKVConfig
 from dami_jax.tailorkv.quant import quantize_keys, quantize_values
 from dami_jax.tailorkv.quant_attention import quantized_attention
+from dami_kernels import decode_attention as pallas_dense
+from dami_kernels import quant_attention as pallas_quant
 
 LLAMA_3_1_8B = ModelConfig(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -154,7 +154,7 @@ def families(shape: Shape, preset: TailorKVConfig, backend: str) -> list[tuple[C
     kernels on GPU only."""
     on_gpu, triton = backend == "gpu", None
     if on_gpu and importlib.util.find_spec("jax_triton") is not None:
-        triton = importlib.import_module("dami_jax.kernels.triton_attention")
+        triton = importlib.import_module("dami_kernels.triton_attention")
     dense = [Row("dense attention, XLA", jax.jit(attention))]
     quantized = [Row("quantized attention, XLA reference", jax.jit(quantized_attention))]
     quantized_kernels, sparse_kernels = ["xla"], ["xla"]

@@ -8,7 +8,8 @@ import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from dami_jax.tailorkv.quant import codes_per_word, quantize_keys, quantize_values
+from dami_jax.tailorkv.quant import quantize_keys, quantize_values
+from dami_kernels.packing import codes_per_word
 
 # Interpret mode compiles every new shape (~2-4 s on 2 cores): few examples, no deadline.
 FEW = settings(deadline=None, max_examples=8)
@@ -72,7 +73,7 @@ def quantize_case(case, k_bits: int, k_group: int, v_bits: int, v_group: int, sc
 
 
 def torch_launch(launch):
-    """Run a :class:`dami_jax.kernels.triton_attention.Launch` on torch CPU tensors (Triton's
+    """Run a :class:`dami_kernels.triton_attention.Launch` on torch CPU tensors (Triton's
     interpreter under TRITON_INTERPRET=1) -> its outputs as jax arrays."""
     import torch
 

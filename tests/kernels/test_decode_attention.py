@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kernel_cases import BLOCKS, FEW, GQA, SEEDS, TOLERANCE, gaussian
 
-from dami_jax.kernels.decode_attention import decode_attention, segment_attention
 from dami_jax.models.attention import attention
+from dami_kernels.decode_attention import decode_attention, segment_attention
 
 
 @functools.partial(jax.jit, static_argnames=("block",))

@@ -15,12 +15,12 @@ from conftest import rel_err
 from kernel_cases import TOLERANCE, gaussian, quantize_case, quantized_case
 
 import dami_jax as dj
-from dami_jax.kernels.decode_attention import segment_attention
-from dami_jax.kernels.quant_attention import quantized_attention
-from dami_jax.kernels.sparse_scores import MODES, token_scores
 from dami_jax.models.attention import attention
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv import cache, quant_attention
+from dami_kernels.decode_attention import segment_attention
+from dami_kernels.quant_attention import quantized_attention
+from dami_kernels.sparse_scores import MODES, token_scores
 
 pytestmark = pytest.mark.gpu
 
@@ -43,7 +43,7 @@ def test_pallas_quantized_attention(highest_precision, head_dim, gqa, bits):
 @LAYOUTS
 def test_triton_quantized_attention(highest_precision, head_dim, gqa, bits):
     pytest.importorskip("jax_triton", reason="jax-triton is not installed (the gpu extra)")
-    from dami_jax.kernels import triton_attention
+    from dami_kernels import triton_attention
 
     case = quantized(head_dim, gqa, bits)
     out = jax.jit(triton_attention.quantized_attention)(*case)

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from dami_jax.kernels.decode_attention import segment_attention
-from dami_jax.kernels.quant_attention import quantized_attention
-from dami_jax.kernels.sparse_scores import MODES, token_scores
-from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues
+from dami_kernels.decode_attention import segment_attention
+from dami_kernels.packing import QuantizedKeys, QuantizedValues
+from dami_kernels.quant_attention import quantized_attention
+from dami_kernels.sparse_scores import MODES, token_scores
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 B, HKV, GQA = 2, 3, 3

@@ -20,10 +20,10 @@ from kernel_cases import (
     quantized_strategies,
 )
 
-from dami_jax.kernels.blocks import unsupported
-from dami_jax.kernels.quant_attention import quantized_attention
 from dami_jax.tailorkv import quant_attention as reference
-from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues
+from dami_kernels.blocks import unsupported
+from dami_kernels.packing import QuantizedKeys, QuantizedValues
+from dami_kernels.quant_attention import quantized_attention
 
 
 @functools.partial(jax.jit, static_argnames=("quant", "block"))

@@ -38,7 +38,7 @@ interpreted = pytest.mark.skipif(
 def test_interpreted_matches_reference(
     seed, batch, kv_heads, gqa, k_bits, v_bits, key_groups, residual, scale_dtype, block, data
 ):
-    from dami_jax.kernels.triton_attention import quantized_attention
+    from dami_kernels.triton_attention import quantized_attention
 
     k_group, v_group = draw_groups(data, k_bits)
     raw = quantized_case(seed, batch, kv_heads, gqa, 32, k_group * key_groups, residual)
@@ -55,9 +55,9 @@ COMPILE = textwrap.dedent(
     import jax.numpy as jnp
     import triton
     from triton.backends.compiler import GPUTarget
-    from dami_jax.kernels import triton_attention as ta
-    from dami_jax.kernels.blocks import query_rows
-    from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues
+    from dami_kernels import triton_attention as ta
+    from dami_kernels.blocks import query_rows
+    from dami_kernels.packing import QuantizedKeys, QuantizedValues
 
     TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "uint32": "u32", "int32": "i32"}
 

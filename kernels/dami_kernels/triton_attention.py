@@ -1,12 +1,12 @@
 """Quantized decode attention in Triton (``triton.language``), launched on GPU through
 ``jax_triton.triton_call``.
 
-The same block algorithm as the Pallas kernels (:mod:`dami_jax.kernels.blocks`: block sizes,
+The same block algorithm as the Pallas kernels (:mod:`dami_kernels.blocks`: block sizes,
 query rows, masks, partials and their merge are shared; only the kernel bodies are Triton),
 checked against the same reference, :func:`dami_jax.tailorkv.quant_attention.quantized_attention`.
 
 Program (b, h, i) = (``program_id`` 0, 1, 2) reads what its Pallas twin reads
-(:mod:`dami_jax.kernels.quant_attention`, :mod:`dami_jax.kernels.decode_attention`), addressed
+(:mod:`dami_kernels.quant_attention`, :mod:`dami_kernels.decode_attention`), addressed
 by pointer arithmetic over row-major arrays: query rows ``q[b, h]`` [ROWS, HD]; for block
 tokens t = i * BLOCK + [0, BLOCK) (loads masked past S):
 - store: key word ``t // per`` (bit ``bits * (t % per)``) and key scale/zero of group
@@ -32,9 +32,9 @@ import jax
 import triton
 import triton.language as tl
 
-from dami_jax.kernels.blocks import Partials, attend_quantized, partial_shapes, quantized_block, token_block
 from dami_jax.models.attention import MASKED_SCORE
-from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues
+from dami_kernels.blocks import Partials, attend_quantized, partial_shapes, quantized_block, token_block
+from dami_kernels.packing import QuantizedKeys, QuantizedValues
 
 NUM_WARPS, NUM_STAGES = 4, 2
 MASKED = tl.constexpr(MASKED_SCORE)
@@ -130,7 +130,7 @@ def _launch(kernel, rows: jax.Array, args: tuple, mask: jax.Array, length: int, 
 
 
 def dense_launch(rows: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, block: int) -> Launch:
-    """As :func:`dami_jax.kernels.decode_attention.dense_partials`."""
+    """As :func:`dami_kernels.decode_attention.dense_partials`."""
     s = k.shape[2]
     return _launch(dense_block_kernel, rows, (k, v), mask, s, token_block(s, block))
 
@@ -138,7 +138,7 @@ def dense_launch(rows: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *
 def quant_launch(
     rows: jax.Array, keys: QuantizedKeys, values: QuantizedValues, mask: jax.Array, *, block: int
 ) -> Launch:
-    """As :func:`dami_jax.kernels.quant_attention.quant_partials`."""
+    """As :func:`dami_kernels.quant_attention.quant_partials`."""
     args = (keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero)
     return _launch(quant_block_kernel, rows, args, mask, keys.num_tokens, quantized_block(keys, values, block),
                    K_BITS=keys.bits, K_GROUP=keys.group, V_BITS=values.bits, V_GROUP=values.group)  # fmt: skip

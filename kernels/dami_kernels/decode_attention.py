@@ -2,11 +2,11 @@
 
 The reference is :func:`dami_jax.models.attention.attention` over the segments concatenated
 along tokens. Serves the quantized layers' full-precision residual window
-(:mod:`dami_jax.kernels.quant_attention`) and the sparse layers' attention over sink + recent,
+(:mod:`dami_kernels.quant_attention`) and the sparse layers' attention over sink + recent,
 the gathered top-k rows and the generated tokens, each part its own segment: the parts are
 never concatenated.
 
-Program (b, h, i) of a segment of S tokens reads (block algorithm: :mod:`dami_jax.kernels.blocks`):
+Program (b, h, i) of a segment of S tokens reads (block algorithm: :mod:`dami_kernels.blocks`):
 - the query rows of KV head h: float32 [rows, hd];
 - block i of K and V: [block, hd] each, in their dtype (cast to float32 in the kernel);
 - block i of the visibility mask: int32 [block], row h of a per-head mask, else row 0;
@@ -22,8 +22,8 @@ from typing import Sequence
 import jax
 from jax.experimental import pallas as pl
 
-from dami_jax.kernels.blocks import F32, Partials, block_softmax, combine, query_rows, token_block, visibility
-from dami_jax.kernels.pallas_blocks import (
+from dami_kernels.blocks import F32, Partials, block_softmax, combine, query_rows, token_block, visibility
+from dami_kernels.pallas_blocks import (
     load_rows,
     mask_spec,
     partials_call,

@@ -2,12 +2,12 @@
 full-precision residual window, without materializing full-precision K/V.
 
 Reference: :func:`dami_jax.tailorkv.quant_attention.quantized_attention` (same arguments, same
-float32 [B, 1, Hq, hd] result). Layout (:mod:`dami_jax.tailorkv.quant`): key codes uint32
+float32 [B, 1, Hq, hd] result). Layout (:mod:`dami_kernels.packing`): key codes uint32
 [B, Hkv, S/per, hd] packed along tokens (per = 32 // bits codes a word; token t in word t // per
 at bit bits * (t % per)), key scale/zero [B, Hkv, S/group, hd]; value codes uint32
 [B, Hkv, S, hd/per] packed along channels, value scale/zero [B, Hkv, S, hd/group].
 
-Program (b, h, i) over the store (block algorithm: :mod:`dami_jax.kernels.blocks`) reads, for
+Program (b, h, i) over the store (block algorithm: :mod:`dami_kernels.blocks`) reads, for
 block i of ``block`` tokens (a multiple of the key group):
 - the query rows of KV head h: float32 [rows, hd];
 - key words [block/per, hd] and key scale/zero [block/group, hd];
@@ -19,9 +19,9 @@ zero, V likewise, and the block softmax runs on them. The reference instead fold
 one scaled query per token group; in a tile that would mean one dot per group, while the tile's
 dequantization costs block * hd multiply-adds (as much as the score dot itself) and keeps one
 dot per block. The residual window is a separate full-precision segment
-(:func:`dami_jax.kernels.decode_attention.dense_partials`).
+(:func:`dami_kernels.decode_attention.dense_partials`).
 
-Supported layouts (:func:`dami_jax.kernels.blocks.unsupported`): head_dim a power of two >= 16
+Supported layouts (:func:`dami_kernels.blocks.unsupported`): head_dim a power of two >= 16
 holding whole value words, power-of-two groups, key groups of whole words (group 64 suits every
 bit width).
 """
@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dami_jax.kernels.blocks import F32, Partials, attend_quantized, block_softmax, quantized_block
-from dami_jax.kernels.decode_attention import dense_partials
-from dami_jax.kernels.pallas_blocks import (
+from dami_kernels.blocks import F32, Partials, attend_quantized, block_softmax, quantized_block
+from dami_kernels.decode_attention import dense_partials
+from dami_kernels.packing import QuantizedKeys, QuantizedValues, codes_per_word
+from dami_kernels.pallas_blocks import (
     load_rows,
     mask_spec,
     partials_call,
@@ -45,7 +46,6 @@ from dami_jax.kernels.pallas_blocks import (
     store_partials,
     token_spec,
 )
-from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues, codes_per_word
 
 
 def _repeat(x: jax.Array, n: int, axis: int) -> jax.Array:

@@ -1,5 +1,5 @@
 """Pallas plumbing shared by the Pallas kernels: the Triton lowering, masked block loads, and
-the partials' output specs (see :mod:`dami_jax.kernels.blocks` for the algorithm).
+the partials' output specs (see :mod:`dami_kernels.blocks` for the algorithm).
 
 The kernels target Pallas' Triton lowering on GPU (``compiler_params`` selects it: recent JAX
 lowers plain ``pallas_call`` to Mosaic GPU by default) and run anywhere with ``interpret=True``.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from dami_jax.kernels.blocks import Partials, partial_shapes
+from dami_kernels.blocks import Partials, partial_shapes
 
 COMPILER_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dami_jax.models.attention import MASKED_SCORE
-from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues, codes_per_word
+from dami_kernels.packing import QuantizedKeys, QuantizedValues, codes_per_word
 
 F32 = jnp.float32
 MIN_DOT = 16  # Triton dots take M, N, K >= 16: query rows, head_dim and block sizes
