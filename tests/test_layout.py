@@ -45,7 +45,8 @@ def probe(cwd: Path, *flags: str, pythonpath: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    done = subprocess.run([sys.executable, *flags, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, *flags, "-c", PROBE]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -91,8 +92,8 @@ def wheel_site(tmp_path_factory) -> tuple[Path, Path]:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", str(tmp / "dist"), str(source)]
-    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    build = ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", str(tmp / "dist"), str(source)]
+    subprocess.run([*pip, *build], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp / "dist").glob("dami_jax-*.whl")
     site = tmp / "site"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--no-compile", "--target", str(site), str(wheel)],
@@ -104,9 +105,8 @@ def test_the_wheel_ships_dami_kernels_and_no_kernels_package(wheel_site):
     wheel, _ = wheel_site
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("kernels/")]
-    assert sorted(n.removeprefix("dami_kernels/").removesuffix(".py") for n in names if n.startswith("dami_kernels/")) == sorted(
-        ["__init__", *KERNEL_MODULES]
-    )
+    shipped = [n.removeprefix("dami_kernels/").removesuffix(".py") for n in names if n.startswith("dami_kernels/")]
+    assert sorted(shipped) == sorted(["__init__", *KERNEL_MODULES])
 
 
 @pytest.mark.parametrize("where", ["root", "elsewhere"])

@@ -97,6 +97,11 @@ class QuantizedTensor:
         return self.scale.shape[TOKENS] * (self.group if self.axis == TOKENS else 1)
 
     @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The shape of the tensor it holds: [B, Hkv, S, hd]."""
+        return (*self.scale.shape[:TOKENS], self.num_tokens, self.head_dim)
+
+    @property
     def head_dim(self) -> int:
         return self.scale.shape[CHANNELS] * (self.group if self.axis == CHANNELS else 1)
 

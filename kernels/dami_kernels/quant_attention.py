@@ -7,12 +7,12 @@ float32 [B, 1, Hq, hd] result). Layout (:mod:`dami_kernels.packing`): key codes 
 at bit bits * (t % per)), key scale/zero [B, Hkv, S/group, hd]; value codes uint32
 [B, Hkv, S, hd/per] packed along channels, value scale/zero [B, Hkv, S, hd/group].
 
-Program (b, h, i) over the store (block algorithm: :mod:`dami_kernels.blocks`) reads, for
-block i of ``block`` tokens (a multiple of the key group):
-- the query rows of KV head h: float32 [rows, hd];
+Program (b, h, j) over the store (split loop: :mod:`dami_kernels.blocks`) reads row b's length
+(one int32) and the query rows of KV head h (float32 [rows, hd]); then, for each block of its
+run, tokens [t, t + block) (``block`` a multiple of the key group):
 - key words [block/per, hd] and key scale/zero [block/group, hd];
 - value words [block, hd/per] and value scale/zero [block, hd/group];
-- the visibility mask [block];
+- the visibility mask [block] (none without a mask);
 and dequantizes the tile in registers: each word is repeated ``per`` times along its packed axis
 and shifted by its code's bit offset, scales repeated ``group`` times; then K = codes * scale +
 zero, V likewise, and the block softmax runs on them. The reference instead folds key scales into
@@ -32,20 +32,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
-from dami_kernels.blocks import F32, Partials, attend_quantized, block_softmax, quantized_block
+from dami_kernels.blocks import F32, SPLITS, Partials, Segment, attend, quantized_block
 from dami_kernels.decode_attention import dense_partials
-from dami_kernels.packing import QuantizedKeys, QuantizedValues, codes_per_word
-from dami_kernels.pallas_blocks import (
-    load_rows,
-    mask_spec,
-    partials_call,
-    program_rows,
-    query_spec,
-    store_partials,
-    token_spec,
-)
+from dami_kernels.packing import QuantizedKeys, QuantizedValues
+from dami_kernels.pallas_blocks import rows_at, split_partials
 
 
 def _repeat(x: jax.Array, n: int, axis: int) -> jax.Array:
@@ -67,55 +58,39 @@ def _dequantize(words: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, 
     return codes.astype(F32) * _repeat(scale, group, axis).astype(F32) + _repeat(zero, group, axis).astype(F32)
 
 
-def _quant_kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, mask_ref, m_ref, l_ref, o_ref, *, length: int,
-                  k_bits: int, k_group: int, v_bits: int, v_group: int):  # fmt: skip
-    block = vw_ref.shape[0]
-    exists = program_rows(length, block)
+def _read_quantized(refs, start: jax.Array, live, *, k_bits: int, k_group: int, v_bits: int, v_group: int
+                    ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref = refs
     k_per = 32 // k_bits
-    words = load_rows(kw_ref, program_rows(length // k_per, block // k_per))
-    key_groups = program_rows(length // k_group, block // k_group)
-    k = _dequantize(words, load_rows(ks_ref, key_groups), load_rows(kz_ref, key_groups), k_bits, k_group, axis=0)
-    v = _dequantize(
-        load_rows(vw_ref, exists), load_rows(vs_ref, exists), load_rows(vz_ref, exists), v_bits, v_group, axis=1
-    )
-    store_partials(m_ref, l_ref, o_ref, block_softmax(q_ref[...], k, v, exists, load_rows(mask_ref, exists) != 0))
+    words = rows_at(kw_ref, start // k_per, live(k_per))
+    scale, zero = (rows_at(ref, start // k_group, live(k_group)) for ref in (ks_ref, kz_ref))
+    k = _dequantize(words, scale, zero, k_bits, k_group, axis=0)
+    v = _dequantize(*(rows_at(ref, start, live()) for ref in (vw_ref, vs_ref, vz_ref)), v_bits, v_group, axis=1)
+    return k, v
 
 
-def quant_partials(rows: jax.Array, keys: QuantizedKeys, values: QuantizedValues, mask: jax.Array, *, block: int,
-                   interpret: bool) -> Partials:  # fmt: skip
-    """rows [B, Hkv, rows, hd] (:func:`query_rows`); the store; mask int32 [B, 1 or Hkv, S]
-    (:func:`visibility`) -> the store's partials."""
+def quant_partials(rows: jax.Array, segment: Segment, *, block: int, splits: int, interpret: bool) -> Partials:
+    """rows [B, Hkv, rows, hd] (:func:`query_rows`); a prepared segment (:func:`attend`) of the
+    store's keys and values -> its partials."""
+    keys, values = segment.k, segment.v
     bt = quantized_block(keys, values, block)
-    b, hkv, s, hd = *keys.scale.shape[:2], keys.num_tokens, keys.head_dim
-    k_per, v_per = codes_per_word(keys.bits), codes_per_word(values.bits)
-    specs = [
-        query_spec(rows),
-        token_spec(bt // k_per, hd), token_spec(bt // keys.group, hd), token_spec(bt // keys.group, hd),
-        token_spec(bt, hd // v_per), token_spec(bt, hd // values.group), token_spec(bt, hd // values.group),
-        mask_spec(mask, bt),
-    ]  # fmt: skip
-    kernel = functools.partial(
-        _quant_kernel, length=s, k_bits=keys.bits, k_group=keys.group, v_bits=values.bits, v_group=values.group
+    read = functools.partial(
+        _read_quantized, k_bits=keys.bits, k_group=keys.group, v_bits=values.bits, v_group=values.group
     )
-    args = (rows, keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero, mask)
-    return partials_call(kernel, (b, hkv, pl.cdiv(s, bt)), specs, args, rows.shape[2], hd, interpret)
+    arrays = (keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero)
+    return split_partials(read, rows, segment, arrays, block=bt, splits=splits, interpret=interpret)
 
 
-def quantized_attention(
-    q: jax.Array,
-    keys: QuantizedKeys,
-    values: QuantizedValues,
-    k_res: jax.Array,
-    v_res: jax.Array,
-    mask_quant: jax.Array,
-    mask_res: jax.Array,
-    *,
-    block: int = 64,
-    interpret: bool = False,
-) -> jax.Array:
+def quantized_attention(q: jax.Array, keys: QuantizedKeys, values: QuantizedValues, k_res: jax.Array, v_res: jax.Array,
+                        mask_quant: jax.Array | None, mask_res: jax.Array | None, *,
+                        lengths_quant: jax.Array | None = None, lengths_res: jax.Array | None = None, block: int = 64,
+                        splits: int = SPLITS, interpret: bool = False) -> jax.Array:  # fmt: skip
     """q [B, 1, Hq, hd]; keys, values: quantized [B, Hkv, S_q, hd]; k_res, v_res [B, Hkv, S_r, hd];
-    mask_quant bool [B, 1, S_q], mask_res bool [B, 1, S_r] -> float32 [B, 1, Hq, hd], as the
-    reference. ``block``: tokens per program (a power of two >= 16)."""
-    options = dict(block=block, interpret=interpret)
-    quant, dense = functools.partial(quant_partials, **options), functools.partial(dense_partials, **options)
-    return attend_quantized(q, keys, values, k_res, v_res, mask_quant, mask_res, quant, dense)
+    mask_quant bool [B, 1, S_q], mask_res bool [B, 1, S_r] (None: all visible) -> float32
+    [B, 1, Hq, hd], as the reference. ``lengths_quant``, ``lengths_res``: int32 [B], live slots
+    per row of each part (None: all; slots past them are neither read nor attended).
+    ``block``: tokens per loop step (a power of two >= 16); ``splits``: programs per (row, KV head)."""
+    dense, quantized = (functools.partial(f, block=block, splits=splits, interpret=interpret)
+                        for f in (dense_partials, quant_partials))  # fmt: skip
+    segments = [Segment(keys, values, mask_quant, lengths_quant), Segment(k_res, v_res, mask_res, lengths_res)]
+    return attend(q, segments, dense, quantized)
