@@ -3,11 +3,15 @@ data: dense attention (XLA; on GPU also the Pallas flash-decoding kernel and cuD
 ``jax.nn.dot_product_attention``) against TailorKV's quantized-layer attention (the XLA reference,
 Pallas, Triton) and the whole per-layer decode steps of the caches (``attend`` on a one-layer
 dense, quantized or sparse cache: append, channel scoring, top-k, gathers, attention), each as a
-ratio to dense XLA attention measured in the same run. Ends with the projected per-token decode
-time of Llama-3.1-8B with the preset.
+ratio to dense XLA attention measured in the same run. Then dense decode attention over a
+per-slot cache of ``--capacity`` slots (32768) whose rows hold ``--live`` live tokens (1024),
+against the same cache full: XLA over the whole cache masked, XLA over a static window (the
+power-of-two bucket of the longest live row), and on GPU the Pallas and Triton kernels with
+per-row lengths and cuDNN with ``key_value_seq_lengths``. Ends with the projected per-token
+decode time of Llama-3.1-8B with the preset.
 
     python scripts/bench_kernels.py [--contexts 8192 32768 131072] [--batch 1 8] [--repeats 20]
-        [--dtype bfloat16] [--preset TailorKV-1]
+        [--dtype bfloat16] [--preset TailorKV-1] [--capacity 32768] [--live 1024]
 
 Defaults follow the backend: on GPU the sizes above in bfloat16; on CPU 2048 and 8192 tokens,
 batch 1, float32, and only the XLA paths are timed (the Pallas and Triton kernels run there in
@@ -36,14 +40,15 @@ from tqdm import tqdm
 
 from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache
 from dami_jax.evals.timing import call_times, copy_times
-from dami_jax.kernels import decode_attention as pallas_dense
-from dami_jax.kernels import quant_attention as pallas_quant
 from dami_jax.models.attention import attention
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.params import param_shapes
 from dami_jax.tailorkv.cache import PRESETS, TailorKVConfig
 from dami_jax.tailorkv.quant import quantize_keys, quantize_values
 from dami_jax.tailorkv.quant_attention import quantized_attention
+from dami_kernels import decode_attention as pallas_dense
+from dami_kernels import quant_attention as pallas_quant
+from dami_kernels.blocks import next_power_of_2
 
 LLAMA_3_1_8B = ModelConfig(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -53,6 +58,7 @@ DEFAULTS = {  # backend -> (contexts, batch sizes, dtype)
     "cpu": ([2048, 8192], [1], "float32"),
 }
 GOAL_CONTEXT = 32768  # the issue's goals are stated at 32k
+CAPACITY, LIVE = 32768, 1024  # the per-slot cache's slots, and the live tokens of each row
 ROTATE_BYTES, MAX_SETS = 256 * 2**20, 8
 GENERATED = 16  # slots for generated tokens in the step caches
 COPY_BYTES = {"gpu": 2 * 2**30, "cpu": 256 * 2**20}  # the bandwidth probe: well past the L2 / LLC
@@ -122,6 +128,62 @@ def step_inputs(key: jax.Array, shape: Shape, config) -> tuple:
             _normal(kn, new, shape.dtype), _normal(kw, new, shape.dtype))  # fmt: skip
 
 
+def cache_inputs(key: jax.Array, shape: Shape, kv_heads_last: bool = False) -> tuple:
+    """A per-slot cache of ``shape.context`` slots: q, k, v as :func:`dense_inputs`; lengths int32
+    [B], every row full (the live rows' lengths replace them)."""
+    q, k, v, *_ = dense_inputs(key, shape, kv_heads_last)
+    return q, k, v, jnp.full((shape.batch,), shape.context, jnp.int32)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    """XLA: ``attention`` over every slot of k, v [B, Hkv, S, hd], mask = slot < lengths[b]."""
+    return attention(q, k, v, (jnp.arange(k.shape[2])[None, :] < lengths[:, None])[:, None])
+
+
+def live_rows(live: int, backend: str) -> list[tuple[Row, bool]]:
+    """(path fn(q, k, v, lengths), whether it reads K/V as [B, S, Hkv, hd]) for rows of ``live``
+    live tokens; the kernels on GPU only."""
+    width = next_power_of_2(live)
+    window = lambda q, k, v, lengths: masked_attention(q, k[:, :, :width], v[:, :, :width], lengths)  # noqa: E731
+    rows = [(Row("XLA, whole cache masked", jax.jit(masked_attention)), False),
+            (Row("XLA, window of the longest row's bucket", jax.jit(window)), False)]  # fmt: skip
+    if backend == "gpu":
+        rows.append((Row("Pallas, per-row lengths", jax.jit(pallas_dense.decode_attention)), False))
+        if importlib.util.find_spec("jax_triton") is not None:
+            triton = importlib.import_module("dami_kernels.triton_attention")
+            rows.append((Row("Triton, per-row lengths", jax.jit(triton.decode_attention)), False))
+        cudnn = lambda q, k, v, lengths: jax.nn.dot_product_attention(  # noqa: E731
+            q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+        rows.append((Row("cuDNN, key_value_seq_lengths", jax.jit(cudnn), ours=False), True))
+    return rows
+
+
+def run_live(capacity: int, live: int, batch: int, dtype: str, backend: str, repeats: int,
+             failed: list[str]) -> None:  # fmt: skip
+    """Print each path's median ms with every row at ``live`` tokens and at ``capacity`` (full)."""
+    layouts, base = {}, None  # kv_heads_last -> input sets; XLA over the whole cache, rows live
+    for (row, kv_heads_last), (full, _) in zip(live_rows(live, backend), live_rows(capacity, backend)):
+        if kv_heads_last not in layouts:
+            make = functools.partial(cache_inputs, shape=Shape(capacity, batch, dtype), kv_heads_last=kv_heads_last)
+            layouts[kv_heads_last] = input_sets(jax.jit(make))
+        times = []
+        for path, n in ((row, live), (full, capacity)):
+            sets = [(*inputs[:3], jnp.full((batch,), n, jnp.int32)) for inputs in layouts[kv_heads_last]]
+            try:
+                times.append(median_ms(path, sets, repeats))
+            except Exception as e:  # noqa: BLE001  one path failing here must not hide the others
+                first = (str(e).strip().splitlines() or [""])[0][:160]
+                times.append(f"{'FAILED' if row.ours else 'unavailable'}: {type(e).__name__}: {first}")
+                if row.ours:
+                    failed.append(f"{row.name} ({capacity} slots, {n} live, batch {batch})")
+        base = times[0] if base is None else base
+        if all(isinstance(t, float) for t in (*times, base)):
+            ratios = f"{times[0] / times[1]:10.3f} {times[0] / base:12.3f}"
+            print(f"{batch:5d}  {row.name:<42}{times[0]:12.3f} {times[1]:12.3f} {ratios}")
+        else:
+            print(f"{batch:5d}  {row.name:<42}  {'; '.join(map(str, times))}")
+
+
 def input_sets(make: Callable[[jax.Array], tuple]) -> list[tuple]:
     """Random input sets from ``make(key)``: as many as make up ROTATE_BYTES (1 to MAX_SETS)."""
     first = jax.block_until_ready(make(jax.random.key(0)))
@@ -154,7 +216,7 @@ def families(shape: Shape, preset: TailorKVConfig, backend: str) -> list[tuple[C
     kernels on GPU only."""
     on_gpu, triton = backend == "gpu", None
     if on_gpu and importlib.util.find_spec("jax_triton") is not None:
-        triton = importlib.import_module("dami_jax.kernels.triton_attention")
+        triton = importlib.import_module("dami_kernels.triton_attention")
     dense = [Row("dense attention, XLA", jax.jit(attention))]
     quantized = [Row("quantized attention, XLA reference", jax.jit(quantized_attention))]
     quantized_kernels, sparse_kernels = ["xla"], ["xla"]
@@ -198,6 +260,8 @@ def parse_args(backend: str) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per path (default 20)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=dtype, help=f"K/V and query dtype (default {dtype})")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="TailorKV-1", help="TailorKV preset (default TailorKV-1)")
+    parser.add_argument("--capacity", type=int, default=CAPACITY, help=f"per-slot cache slots (default {CAPACITY})")
+    parser.add_argument("--live", type=int, default=LIVE, help=f"live tokens per row of that cache (default {LIVE})")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     least = 2 * preset.residual
@@ -205,6 +269,8 @@ def parse_args(backend: str) -> argparse.Namespace:
         parser.error(f"--contexts {args.contexts}: each must be a multiple of {preset.group} and >= {least}")
     if min(args.batch) < 1 or args.repeats < 1:
         parser.error(f"--batch {args.batch} and --repeats {args.repeats} must be >= 1")
+    if not 1 <= args.live <= args.capacity:
+        parser.error(f"--live {args.live} must be in [1, --capacity {args.capacity}]")
     return args
 
 
@@ -304,6 +370,13 @@ def main() -> None:
     with tqdm(total=len(shapes) * rows_per_shape, desc="paths", unit="path", disable=None) as bar:
         for shape in shapes:
             results[(shape.context, shape.batch)] = run_shape(shape, preset, backend, args.repeats, bar, failed)
+    print(f"\ndense decode attention over a per-slot cache of {args.capacity} slots, every row live up to "
+          f"{args.live} tokens (XLA's window: {next_power_of_2(args.live)} slots) against every row full; "
+          f"median ms of {args.repeats} calls after warm-up")  # fmt: skip
+    print(f"{'batch':>5}  {'path':<42}{f'live {args.live}':>12} {f'live {args.capacity}':>12} {'live/full':>10} "
+          f"{'x XLA masked':>12}")  # fmt: skip
+    for batch in args.batch:
+        run_live(args.capacity, args.live, batch, args.dtype, backend, args.repeats, failed)
     print()
     report_goals(results, args.contexts, args.batch, auto)
     report_projection(results, max(args.contexts), args.batch, args.preset, auto, args.dtype, bandwidth)

@@ -65,8 +65,10 @@ def test_llama_weight_bytes_match_its_published_size():
 
 
 def test_bench_kernels_on_cpu():
-    """The XLA paths only, a 256-token context, batch 2; the projection adds up as printed."""
-    done = run(sys.executable, "scripts/bench_kernels.py", "--contexts", "256", "--batch", "2", "--repeats", "1")
+    """The XLA paths only, a 256-token context, batch 2; a 1024-slot cache with 100 live tokens a
+    row against full rows; the projection adds up as printed."""
+    done = run(sys.executable, "scripts/bench_kernels.py", "--contexts", "256", "--batch", "2", "--repeats", "1",
+               "--capacity", "1024", "--live", "100")  # fmt: skip
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "only the XLA paths are timed" in out and "interpreters, whose speed means nothing" in out
@@ -76,6 +78,12 @@ def test_bench_kernels_on_cpu():
         "quantized layer step, xla", "sparse layer step, xla",
     ]  # fmt: skip
     assert float(rows[0][2]) == 1.0
+    assert "per-slot cache of 1024 slots, every row live up to 100 tokens (XLA's window: 128 slots)" in out
+    live = re.findall(r"^ +2  (.+?) +(\d+\.\d+) +(\d+\.\d+) +(\d+\.\d+) +(\d+\.\d+)$", out, re.M)
+    assert [name for name, *_ in live] == ["XLA, whole cache masked", "XLA, window of the longest row's bucket"]
+    for _, at_live, full, live_over_full, _ in live:
+        assert abs(float(at_live) / float(full) - float(live_over_full)) <= 0.01 * float(live_over_full) + 1e-3
+    assert float(live[0][4]) == 1.0
     formula = re.search(
         r"1 x quantized step \+ 31 x sparse step \+ weights / bandwidth = 1 x ([\d.]+) \+ 31 x ([\d.]+) \+ "
         r"([\d.]+) GB / ([\d.]+) GB/s = ([\d.]+) ms",
@@ -92,6 +100,9 @@ def test_bench_kernels_checks_its_arguments():
     done = run(sys.executable, "scripts/bench_kernels.py", "--contexts", "100")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "multiple of 64" in done.stderr
+    done = run(sys.executable, "scripts/bench_kernels.py", "--capacity", "512", "--live", "600")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "--live 600 must be in [1, --capacity 512]" in done.stderr
 
 
 def test_bench_http_budgets_are_heavy_tailed_and_bounded():

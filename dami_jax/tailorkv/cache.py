@@ -38,21 +38,15 @@ import jax.numpy as jnp
 from jax.experimental.compute_on import compute_on
 
 from dami_jax.decoding.cache import DenseKVCache
-from dami_jax.kernels import decode_attention as pallas_attention
-from dami_jax.kernels import quant_attention as pallas_quant
-from dami_jax.kernels import sparse_scores as pallas_scores
-from dami_jax.kernels.blocks import unsupported
 from dami_jax.models.attention import attention
 from dami_jax.models.config import ModelConfig
-from dami_jax.tailorkv.quant import (
-    BIT_WIDTHS,
-    QuantizedKeys,
-    QuantizedValues,
-    check_quant_config,
-    quantize_keys,
-    quantize_values,
-)
+from dami_jax.tailorkv.quant import quantize_keys, quantize_values
 from dami_jax.tailorkv.quant_attention import quantized_attention
+from dami_kernels import decode_attention as pallas_attention
+from dami_kernels import quant_attention as pallas_quant
+from dami_kernels import sparse_scores as pallas_scores
+from dami_kernels.blocks import unsupported
+from dami_kernels.packing import BIT_WIDTHS, QuantizedKeys, QuantizedValues, check_quant_config
 
 TOKEN_SCORES = pallas_scores.MODES  # the kernel and the reference rank tokens the same ways
 KERNELS = ("auto", "xla", "pallas", "triton")
@@ -70,12 +64,12 @@ class TailorKVConfig:
     (docs/results.md, "TailorKV token scoring: reference vs ours").
 
     ``kernel``: what computes decode attention (static: chosen once, when the cache is built).
-    ``"xla"``: the pure-jnp references. ``"pallas"``: :mod:`dami_jax.kernels` (quantized
+    ``"xla"``: the pure-jnp references. ``"pallas"``: :mod:`dami_kernels` (quantized
     attention, sparse token scores, attention over the sparse layers' segments without
     concatenating them); on CPU they run in Pallas' interpreter (slow; for checking). ``"triton"``:
     the quantized layers through the Triton kernel (jax-triton, CUDA GPUs only), the sparse layers
     through Pallas. ``"auto"``: Pallas on GPU/TPU when the kernels can read this store (see
-    :func:`dami_jax.kernels.blocks.unsupported`), else XLA; XLA on CPU.
+    :func:`dami_kernels.blocks.unsupported`), else XLA; XLA on CPU.
     """
 
     bits: int = 1
@@ -375,7 +369,7 @@ class TailorKVCache:
         if self.kernel == "xla":
             return quantized_attention(*args)
         if self.kernel == "triton":  # triton is an optional (GPU) dependency: imported when chosen
-            return importlib.import_module("dami_jax.kernels.triton_attention").quantized_attention(*args)
+            return importlib.import_module("dami_kernels.triton_attention").quantized_attention(*args)
         return pallas_quant.quantized_attention(*args, interpret=jax.default_backend() == "cpu")
 
     def _token_scores(self, q_channels: jax.Array, channel_rows: jax.Array) -> jax.Array:

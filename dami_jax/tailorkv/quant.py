@@ -1,13 +1,6 @@
-"""KIVI-style low-bit KV quantization: asymmetric uniform codes packed into uint32 words.
-
-Keys are quantized per channel over groups of ``group`` tokens (outlier channels keep their own
-range), values per token over groups of ``group`` channels, as in KIVI and TailorKV. Both stores
-keep the cache's ``[B, Hkv, tokens, hd]`` order, so decode attention reads them like a dense
-cache, and whole groups (keys) or single tokens (values) are written with one
-``dynamic_update_slice`` (see ``QuantizedKeys.update`` / ``QuantizedValues.update``).
-
-Bit order: code ``i`` along the packed axis sits in word ``i // (32 // bits)`` at bit offset
-``bits * (i % (32 // bits))`` (little end first).
+"""KIVI-style low-bit KV quantization: asymmetric uniform codes, stored in the packed format
+the kernels read (:mod:`dami_kernels.packing`: keys per channel over groups of tokens, values
+per token over groups of channels, codes in uint32 words).
 
 Rounding differs from the reference code (ydyhello/TailorKV, KIVI), which computes in float16:
 here codes are computed in float32, and the stored float16 zero is rounded down and the scale up,
@@ -17,64 +10,15 @@ from the reference's on about 3e-4 (1-bit) to 4e-3 (4-bit) of entries; the mean 
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-BIT_WIDTHS = (1, 2, 4)
+from dami_kernels.packing import QuantizedKeys, QuantizedTensor, QuantizedValues
 
 
 def _check_scale_dtype(scale_dtype) -> None:
     if not jnp.issubdtype(scale_dtype, jnp.floating):
         raise ValueError(f"scale_dtype must be a float dtype (float16, bfloat16, float32), got {scale_dtype!r}")
-
-
-def _check_bits_group(bits: int, group: int) -> None:
-    if bits not in BIT_WIDTHS:
-        raise ValueError(f"bits must be one of {BIT_WIDTHS}, got bits={bits!r}")
-    if not isinstance(group, int) or group <= 0:
-        raise ValueError(f"group must be a positive int, got group={group!r}")
-
-
-def codes_per_word(bits: int) -> int:
-    """How many ``bits``-bit codes one uint32 word holds."""
-    _check_bits_group(bits, 1)
-    return 32 // bits
-
-
-# --------------------------------------------------------------------------- bit packing
-
-
-def pack_bits(codes: jax.Array, bits: int, axis: int = -1) -> jax.Array:
-    """Pack integer codes in [0, 2**bits) into uint32 words along ``axis``.
-
-    codes [..., n, ...] -> uint32 [..., ceil(n / (32 // bits)), ...]; the tail is zero-padded.
-    Bits above ``bits`` are dropped, so a bad code cannot corrupt its neighbours.
-    """
-    per = codes_per_word(bits)
-    x = jnp.moveaxis(codes, axis, -1).astype(jnp.uint32) & jnp.uint32(2**bits - 1)
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % per)])
-    x = x.reshape(*x.shape[:-1], -1, per)
-    shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
-    words = jnp.sum(x << shifts, axis=-1, dtype=jnp.uint32)  # disjoint bit fields: sum == or
-    return jnp.moveaxis(words, -1, axis)
-
-
-def unpack_bits(words: jax.Array, bits: int, axis: int, length: int) -> jax.Array:
-    """Inverse of ``pack_bits``: uint32 [..., W, ...] -> uint8 codes [..., length, ...]."""
-    per = codes_per_word(bits)
-    if not 0 <= length <= words.shape[axis] * per:
-        raise ValueError(f"length={length} does not fit in {words.shape[axis]} words of {per} codes")
-    x = jnp.moveaxis(words, axis, -1).astype(jnp.uint32)
-    shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
-    codes = (x[..., None] >> shifts) & jnp.uint32(2**bits - 1)
-    codes = codes.reshape(*x.shape[:-1], -1)[..., :length].astype(jnp.uint8)
-    return jnp.moveaxis(codes, -1, axis)
-
-
-# --------------------------------------------------------------------------- quantization
 
 
 def _round_toward(x: jax.Array, dtype, up: bool) -> jax.Array:
@@ -101,139 +45,22 @@ def _quantize(x: jax.Array, axis: int, bits: int, scale_dtype) -> tuple[jax.Arra
     return jnp.clip(codes, 0, levels).astype(jnp.uint8), scale, zero
 
 
-TOKENS, CHANNELS = 2, 3  # axes of a [B, Hkv, S, hd] cache tensor
-
-
-def _write_tokens(x: jax.Array, y: jax.Array, at: jax.Array | int) -> jax.Array:
-    """``y`` [B, Hkv, n, d] written into ``x`` [B, Hkv, N, d] at token ``at``: a scalar, or int32
-    [B] with one offset per row (rows whose tokens start at different slots)."""
-    y = y.astype(x.dtype)
-    if jnp.ndim(at) == 0:
-        return jax.lax.dynamic_update_slice(x, y, (0, 0, at, 0))
-    return jax.vmap(lambda row, new, a: jax.lax.dynamic_update_slice(row, new, (0, a, 0)))(x, y, at)
-
-
-@flax.struct.dataclass
-class QuantizedTensor:
-    """A [B, Hkv, S, hd] cache tensor as KIVI codes, quantized over groups of ``group`` entries
-    along ``axis`` and packed into uint32 words along that same axis.
-
-    codes: uint32, the tensor's shape with ``axis`` packed to ceil(n / (32 // bits)) words;
-    scale, zero: scale_dtype, the tensor's shape with ``axis`` reduced to n // group groups.
-    Subclasses fix ``axis``: :class:`QuantizedKeys` (tokens) and :class:`QuantizedValues` (channels).
-    """
-
-    codes: jax.Array
-    scale: jax.Array
-    zero: jax.Array
-    bits: int = flax.struct.field(pytree_node=False)
-    group: int = flax.struct.field(pytree_node=False)
-    axis: ClassVar[int]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.scale.shape[TOKENS] * (self.group if self.axis == TOKENS else 1)
-
-    @property
-    def head_dim(self) -> int:
-        return self.scale.shape[CHANNELS] * (self.group if self.axis == CHANNELS else 1)
-
-    def unpacked_codes(self) -> jax.Array:
-        """uint8 codes with ``axis`` split into [n // group, group]: keys [B, Hkv, S // group,
-        group, hd], values [B, Hkv, S, hd // group, group]."""
-        groups = self.scale.shape[self.axis]
-        codes = unpack_bits(self.codes, self.bits, axis=self.axis, length=groups * self.group)
-        return codes.reshape(*codes.shape[: self.axis], groups, self.group, *codes.shape[self.axis + 1 :])
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """[B, Hkv, S, hd] in ``dtype`` (computed in float32)."""
-        codes = self.unpacked_codes().astype(jnp.float32)
-        scale = jnp.expand_dims(self.scale.astype(jnp.float32), self.axis + 1)
-        zero = jnp.expand_dims(self.zero.astype(jnp.float32), self.axis + 1)
-        x = codes * scale + zero
-        return x.reshape(*x.shape[: self.axis], -1, *x.shape[self.axis + 2 :]).astype(dtype)
-
-    @classmethod
-    def zeros(cls, batch: int, heads: int, tokens: int, head_dim: int, bits: int, group: int, scale_dtype=jnp.float16):
-        """An all-zero store of ``tokens`` slots, to preallocate a cache (keys: ``tokens`` a
-        multiple of ``group``; values: ``head_dim`` a multiple of ``group``)."""
-        shape = [batch, heads, tokens, head_dim]
-        cls._check_grouping(bits, group, shape[cls.axis])
-        scale_shape = list(shape)
-        scale_shape[cls.axis] //= group
-        shape[cls.axis] = -(-shape[cls.axis] // codes_per_word(bits))
-        scales = jnp.zeros(scale_shape, scale_dtype)
-        return cls(jnp.zeros(shape, jnp.uint32), scales, scales, bits=bits, group=group)
-
-    @classmethod
-    def quantize(cls, x: jax.Array, bits: int, group: int, scale_dtype=jnp.float16):
-        """x [B, Hkv, T, hd] -> codes, one (scale, zero) per group of ``group`` entries along ``axis``."""
-        cls._check_grouping(bits, group, x.shape[cls.axis])
-        _check_scale_dtype(scale_dtype)
-        n = x.shape[cls.axis]
-        grouped = x.astype(jnp.float32).reshape(*x.shape[: cls.axis], n // group, group, *x.shape[cls.axis + 1 :])
-        codes, scale, zero = _quantize(grouped, cls.axis + 1, bits, scale_dtype)
-        return cls(pack_bits(codes.reshape(x.shape), bits, axis=cls.axis), scale, zero, bits=bits, group=group)
-
-    def update(self, new: "QuantizedTensor", start: jax.Array | int) -> "QuantizedTensor":
-        """Write ``new`` at token ``start``: one offset (may be traced), or int32 [B], one per
-        row. Keys are written in whole groups: ``start`` a multiple of ``group``, and ``group`` a
-        multiple of ``32 // bits`` so that groups start on word boundaries (true for group 64 and
-        every bit width)."""
-        if (type(new), new.bits, new.group, new.head_dim) != (type(self), self.bits, self.group, self.head_dim):
-            raise ValueError(
-                f"new: {type(new).__name__} (bits, group, head_dim)={(new.bits, new.group, new.head_dim)} does not "
-                f"match the store's {type(self).__name__} {(self.bits, self.group, self.head_dim)}"
-            )
-        word, grp = start, start
-        if self.axis == TOKENS:
-            per = codes_per_word(self.bits)
-            if self.group % per:
-                raise ValueError(f"group={self.group} must be a multiple of {per} to append {self.bits}-bit key groups")
-            word, grp = start // per, start // self.group
-        return self.replace(
-            codes=_write_tokens(self.codes, new.codes, word),
-            scale=_write_tokens(self.scale, new.scale, grp),
-            zero=_write_tokens(self.zero, new.zero, grp),
-        )
-
-    @classmethod
-    def _check_grouping(cls, bits: int, group: int, length: int) -> None:
-        _check_bits_group(bits, group)
-        if length % group:
-            what = "the key length T" if cls.axis == TOKENS else "head_dim"
-            raise ValueError(f"group={group} must divide {what}={length} (whole groups are quantized)")
-
-
-@flax.struct.dataclass
-class QuantizedKeys(QuantizedTensor):
-    """Keys quantized per channel over groups of ``group`` tokens (outlier channels keep their
-    own range): codes uint32 [B, Hkv, ceil(S / (32 // bits)), hd], packed along tokens;
-    scale, zero [B, Hkv, S // group, hd]. Appended a whole group at a time."""
-
-    axis: ClassVar[int] = TOKENS
-
-
-@flax.struct.dataclass
-class QuantizedValues(QuantizedTensor):
-    """Values quantized per token over groups of ``group`` channels: codes uint32
-    [B, Hkv, S, ceil(hd / (32 // bits))], packed along channels; scale, zero [B, Hkv, S, hd // group].
-    Appended any number of tokens at a time."""
-
-    axis: ClassVar[int] = CHANNELS
-
-
-def check_quant_config(bits: int, group: int, head_dim: int) -> None:
-    """Raise ValueError (naming the argument) unless ``bits``/``group`` suit ``head_dim`` (values
-    are grouped along channels, so ``group`` must divide it)."""
-    QuantizedValues._check_grouping(bits, group, head_dim)
+def _quantize_store(store: type[QuantizedTensor], x: jax.Array, bits: int, group: int, scale_dtype):
+    """x [B, Hkv, T, hd] -> ``store``, one (scale, zero) per group of ``group`` entries along its axis."""
+    axis = store.axis
+    store.check_grouping(bits, group, x.shape[axis])
+    _check_scale_dtype(scale_dtype)
+    n = x.shape[axis]
+    grouped = x.astype(jnp.float32).reshape(*x.shape[:axis], n // group, group, *x.shape[axis + 1 :])
+    codes, scale, zero = _quantize(grouped, axis + 1, bits, scale_dtype)
+    return store.from_codes(codes.reshape(x.shape), scale, zero, bits, group)
 
 
 def quantize_keys(k: jax.Array, bits: int, group: int, scale_dtype=jnp.float16) -> QuantizedKeys:
     """k [B, Hkv, T, hd] (T a multiple of ``group``) -> QuantizedKeys, per channel per token group."""
-    return QuantizedKeys.quantize(k, bits, group, scale_dtype)
+    return _quantize_store(QuantizedKeys, k, bits, group, scale_dtype)
 
 
 def quantize_values(v: jax.Array, bits: int, group: int, scale_dtype=jnp.float16) -> QuantizedValues:
     """v [B, Hkv, T, hd] (any T; hd a multiple of ``group``) -> QuantizedValues, per token per channel group."""
-    return QuantizedValues.quantize(v, bits, group, scale_dtype)
+    return _quantize_store(QuantizedValues, v, bits, group, scale_dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dami_jax.models.attention import MASKED_SCORE
-from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues
+from dami_kernels.packing import QuantizedKeys, QuantizedValues
 
 F32 = jnp.float32
 

@@ -1,5 +1,7 @@
 """Full-precision decode attention (Pallas, interpret mode) against the reference
-:func:`dami_jax.models.attention.attention` over the segments' concatenation."""
+:func:`dami_jax.models.attention.attention` over the segments' concatenation, and, with per-row
+lengths, against a float64 reference over the live slots (NaN past them: a kernel that read a
+slot past its row's length would return NaN)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,30 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import rel_err
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_cases import BLOCKS, FEW, GQA, SEEDS, TOLERANCE, gaussian
+from kernel_cases import (
+    BLOCKS,
+    FEW,
+    GQA,
+    SEEDS,
+    SPLITS,
+    TOLERANCE,
+    assert_matches_reference64,
+    dense_reference64,
+    dense_strategies,
+    draw_dense_case,
+    edge_case,
+    gaussian,
+    lengths_strategy,
+    past,
+    reference64,
+)
 
-from dami_jax.kernels.decode_attention import decode_attention, segment_attention
 from dami_jax.models.attention import attention
+from dami_kernels.decode_attention import decode_attention, segment_attention
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
@@ -60,11 +79,70 @@ def test_segments_match_attention_over_their_concatenation(
     assert rel_err(out, ref) <= TOLERANCE
 
 
-def test_decode_attention_takes_attentions_mask_layouts():
-    """[B, 1, S] (every head) and [B, Hkv, 1, S] (per KV head), as ``attention`` does."""
-    rng = np.random.default_rng(0)
-    q, k, v = gaussian(rng, (2, 1, 6, 16)), gaussian(rng, (2, 2, 37, 16)), gaussian(rng, (2, 2, 37, 16))
-    for shape in [(2, 1, 37), (2, 2, 1, 37)]:
-        mask = jnp.asarray(rng.random(shape) < 0.5)
-        out = jax.jit(functools.partial(decode_attention, block=16, interpret=True))(q, k, v, mask)
-        assert rel_err(out, attention(q, k, v, mask)) <= TOLERANCE
+@functools.partial(jax.jit, static_argnames=("block", "splits"))
+def decode_and_xla(q, k, v, lengths, block, splits):
+    """The kernel, and the XLA path: ``attention`` with mask = slot < lengths[b] (on K/V read in
+    float32, with the dead slots zeroed: it reads every slot)."""
+    out = decode_attention(q, k, v, lengths, block=block, splits=splits, interpret=True)
+    live = jnp.arange(k.shape[2])[None, :] < lengths[:, None]
+    k, v = (jnp.where(live[:, None, :, None], x.astype(jnp.float32), 0) for x in (k, v))
+    return out, attention(q, k, v, live[:, None, :])
+
+
+def check_dense(q, k, v, lengths, block, splits) -> None:
+    out, xla = decode_and_xla(q, k, v, jnp.asarray(lengths), block=block, splits=splits)
+    reference = dense_reference64(q, k, v, lengths)
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    assert_matches_reference64(out, reference)
+    assert_matches_reference64(np.where(reference[1][:, None, None, None], xla, 0), reference)
+
+
+@pytest.mark.parametrize("block, splits, gqa", [(16, 3, 4), (64, 2, 17), (32, 16, 1)])
+def test_decode_attention_reads_each_row_up_to_its_length(block, splits, gqa):
+    """Rows of lengths 0 (an idle slot: zeros), 1, 63, 64, 65, S - 1 and S in one batch."""
+    check_dense(*edge_case(gqa), block, splits)
+
+
+@FEW
+@given(**dense_strategies())
+def test_decode_attention_matches_float64_over_live_slots(
+    seed, capacity, batch, kv_heads, gqa, head_dim, dtype, block, splits, data
+):
+    case = draw_dense_case(data, seed, capacity, batch, kv_heads, gqa, head_dim, dtype)
+    check_dense(*case, block, splits)
+
+
+@FEW
+@given(
+    seed=SEEDS,
+    sizes=st.lists(st.integers(1, 90), min_size=1, max_size=3),
+    gqa=GQA,
+    masked=st.lists(st.booleans(), min_size=3, max_size=3),
+    block=BLOCKS,
+    splits=SPLITS,
+    data=st.data(),
+)
+def test_segments_with_lengths_and_masks(seed, sizes, gqa, masked, block, splits, data):
+    """Any segment takes per-row lengths, a mask, both or neither (as the sparse layers' window,
+    top-k and generated tokens will); rows empty in some segments or all of them."""
+    rng = np.random.default_rng(seed)
+    batch, kv_heads, head_dim = 3, 2, 16
+    q = gaussian(rng, (batch, 1, kv_heads * gqa, head_dim))
+    segments = []
+    for size, has_mask in zip(sizes, masked):
+        lengths = data.draw(st.none() | lengths_strategy(size, batch), label="lengths")
+        k, v = (gaussian(rng, (batch, kv_heads, size, head_dim)) for _ in range(2))
+        if lengths is not None:
+            k, v = past(lengths, k), past(lengths, v)
+        mask = jnp.asarray(rng.random((batch, kv_heads, size)) < 0.6) if has_mask else None
+        segments.append((jnp.asarray(k), jnp.asarray(v), mask, None if lengths is None else jnp.asarray(lengths)))
+    out = jax.jit(functools.partial(segment_attention, block=block, splits=splits, interpret=True))(q, segments)
+    assert_matches_reference64(out, reference64(q, segments))
+
+
+def test_bad_lengths_and_splits_are_named():
+    q, kv = jnp.zeros((2, 1, 2, 16)), jnp.zeros((2, 1, 40, 16))
+    with pytest.raises(ValueError, match=r"lengths must be int32 \[B=2\]"):
+        decode_attention(q, kv, kv, jnp.zeros((3,), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="splits must be a positive int"):
+        decode_attention(q, kv, kv, jnp.zeros((2,), jnp.int32), splits=0, interpret=True)

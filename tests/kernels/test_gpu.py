@@ -1,6 +1,7 @@
 """Compiled kernels on a GPU against the pure-jnp references (skipped without a GPU): the Pallas
 kernels through Pallas' Triton lowering, the Triton kernel through jax-triton. Sizes of a real
-decode step: a 1024-token store, a ring of R + 1 = 129 tokens, SmolLM2's and Llama's GQA groups."""
+decode step: a 1024-token store, a ring of R + 1 = 129 tokens, SmolLM2's and Llama's GQA groups;
+a per-slot dense cache of 8192 slots with rows of very different lengths (NaN past them)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_cases import TOLERANCE, gaussian, quantize_case, quantized_case
+from kernel_cases import (
+    TOLERANCE,
+    assert_matches_reference64,
+    dense_case,
+    dense_reference64,
+    edge_lengths,
+    gaussian,
+    quantize_case,
+    quantized_case,
+    quantized_reference64,
+    with_dead_slots,
+)
 
 import dami_jax as dj
-from dami_jax.kernels.decode_attention import segment_attention
-from dami_jax.kernels.quant_attention import quantized_attention
-from dami_jax.kernels.sparse_scores import MODES, token_scores
 from dami_jax.models.attention import attention
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv import cache, quant_attention
+from dami_kernels import decode_attention as pallas_dense
+from dami_kernels import quant_attention as pallas_quant
+from dami_kernels.decode_attention import segment_attention
+from dami_kernels.sparse_scores import MODES, token_scores
 
 pytestmark = pytest.mark.gpu
 
@@ -33,21 +46,50 @@ def quantized(head_dim: int, gqa: int, bits: int):
     return jax.jit(quantize_case, static_argnums=(1, 2, 3, 4, 5))(raw, bits, 64, bits, 64, jnp.float16)
 
 
+def triton_module():
+    """dami_kernels.triton_attention (it imports jax-triton on first launch)."""
+    pytest.importorskip("jax_triton", reason="jax-triton is not installed (the gpu extra)")
+    from dami_kernels import triton_attention
+
+    return triton_attention
+
+
 @LAYOUTS
 def test_pallas_quantized_attention(highest_precision, head_dim, gqa, bits):
     case = quantized(head_dim, gqa, bits)
-    out = jax.jit(quantized_attention)(*case)
+    out = jax.jit(pallas_quant.quantized_attention)(*case)
     assert rel_err(out, jax.jit(quant_attention.quantized_attention)(*case)) <= TOLERANCE
 
 
 @LAYOUTS
 def test_triton_quantized_attention(highest_precision, head_dim, gqa, bits):
-    pytest.importorskip("jax_triton", reason="jax-triton is not installed (the gpu extra)")
-    from dami_jax.kernels import triton_attention
-
     case = quantized(head_dim, gqa, bits)
-    out = jax.jit(triton_attention.quantized_attention)(*case)
+    out = jax.jit(triton_module().quantized_attention)(*case)
     assert rel_err(out, jax.jit(quant_attention.quantized_attention)(*case)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "triton"])
+@pytest.mark.parametrize("head_dim, gqa", [(64, 3), (128, 4)])
+def test_dense_decode_attention_with_lengths(highest_precision, kernel, head_dim, gqa):
+    """bfloat16 K/V of 8192 slots; rows of lengths 0, 1, 63, 64, 65, 1000, 8191, 8192."""
+    capacity = 8192
+    lengths = np.asarray(edge_lengths(capacity)[:5] + [1000] + edge_lengths(capacity)[-2:], np.int32)
+    q, k, v = dense_case(0, lengths, 2, gqa, capacity, head_dim, jnp.bfloat16)
+    module = pallas_dense if kernel == "pallas" else triton_module()
+    out = jax.jit(module.decode_attention)(q, k, v, jnp.asarray(lengths))
+    assert_matches_reference64(out, dense_reference64(q, k, v, lengths))
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "triton"])
+@LAYOUTS
+def test_quantized_attention_with_lengths(highest_precision, kernel, head_dim, gqa, bits):
+    """An idle row (no live slot), and a row of 700 store and 65 ring slots; NaN past them."""
+    module = pallas_quant if kernel == "pallas" else triton_module()
+    lengths = np.asarray([0, 700]), np.asarray([0, 65])
+    case = with_dead_slots(quantized(head_dim, gqa, bits), *lengths)
+    attend = functools.partial(module.quantized_attention, lengths_quant=jnp.asarray(lengths[0]),
+                               lengths_res=jnp.asarray(lengths[1]))  # fmt: skip
+    assert_matches_reference64(jax.jit(attend)(*case), quantized_reference64(case, *lengths))
 
 
 def test_pallas_sparse_layer(highest_precision):

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from dami_jax.kernels.decode_attention import segment_attention
-from dami_jax.kernels.quant_attention import quantized_attention
-from dami_jax.kernels.sparse_scores import MODES, token_scores
-from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues
+from dami_kernels.decode_attention import decode_attention, segment_attention
+from dami_kernels.packing import QuantizedKeys, QuantizedValues
+from dami_kernels.quant_attention import quantized_attention
+from dami_kernels.sparse_scores import MODES, token_scores
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 B, HKV, GQA = 2, 3, 3
@@ -36,6 +36,16 @@ def test_quantized_attention_lowers(head_dim, bits, group):
     q, ring = jnp.zeros((B, 1, GQA * HKV, head_dim), jnp.bfloat16), jnp.zeros((B, HKV, s_r, head_dim), jnp.bfloat16)
     masks = jnp.ones((B, 1, s_q), bool), jnp.ones((B, 1, s_r), bool)
     assert triton_calls(quantized_attention, q, keys, values, ring, ring, *masks) == 2
+    lengths = jnp.zeros((B,), jnp.int32)
+    with_lengths = lambda *args: quantized_attention(*args, lengths_quant=lengths, lengths_res=lengths)  # noqa: E731
+    assert triton_calls(with_lengths, q, keys, values, ring, ring, *masks) == 2
+
+
+def test_dense_decode_attention_with_lengths_lowers():
+    """A per-slot cache of 40960 slots (Qwen3's context; not a power of two), no mask."""
+    hd, capacity = 128, 40960
+    q, cache = jnp.zeros((B, 1, GQA * HKV, hd), jnp.bfloat16), jnp.zeros((B, HKV, capacity, hd), jnp.bfloat16)
+    assert triton_calls(decode_attention, q, cache, cache, jnp.zeros((B,), jnp.int32)) == 1
 
 
 def test_sparse_layer_kernels_lower():
@@ -51,4 +61,6 @@ def test_sparse_layer_kernels_lower():
     segments = [
         (jnp.zeros((B, HKV, s, hd), jnp.bfloat16),) * 2 + (jnp.ones((B, HKV, s), bool),) for s in (64, 128, 300)
     ]
+    assert triton_calls(segment_attention, q, segments) == 3
+    segments[2] += (jnp.zeros((B,), jnp.int32),)  # the generated tokens, up to each row's count
     assert triton_calls(segment_attention, q, segments) == 3

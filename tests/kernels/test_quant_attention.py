@@ -1,5 +1,6 @@
 """Quantized decode attention (Pallas, interpret mode) against the pure-jnp reference
-:func:`dami_jax.tailorkv.quant_attention.quantized_attention`."""
+:func:`dami_jax.tailorkv.quant_attention.quantized_attention`, and, with per-row lengths for the
+store and the residual, against a float64 reference over the live slots (NaN past them)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ from hypothesis import given
 from kernel_cases import (
     FEW,
     TOLERANCE,
+    assert_matches_reference64,
     draw_groups,
+    draw_quantized_lengths_case,
     quantize_case,
     quantized_case,
+    quantized_reference64,
     quantized_strategies,
 )
 
-from dami_jax.kernels.blocks import unsupported
-from dami_jax.kernels.quant_attention import quantized_attention
 from dami_jax.tailorkv import quant_attention as reference
-from dami_jax.tailorkv.quant import QuantizedKeys, QuantizedValues
+from dami_kernels.blocks import unsupported
+from dami_kernels.packing import QuantizedKeys, QuantizedValues
+from dami_kernels.quant_attention import quantized_attention
 
 
 @functools.partial(jax.jit, static_argnames=("quant", "block"))
@@ -43,6 +47,19 @@ def test_matches_reference(seed, batch, kv_heads, gqa, k_bits, v_bits, key_group
     out, ref = kernel_and_reference(case, (k_bits, k_group, v_bits, v_group, scale_dtype), block=block)
     assert out.shape == case[0].shape and out.dtype == jnp.float32
     assert rel_err(out, ref) <= TOLERANCE
+
+
+@FEW
+@given(**quantized_strategies())
+def test_lengths_read_only_live_slots(seed, batch, kv_heads, gqa, k_bits, v_bits, key_groups, residual, scale_dtype,
+                                      block, data):  # fmt: skip
+    """Store and residual lengths per row (0, block and group edges, full), NaN past them."""
+    case, lengths = draw_quantized_lengths_case(
+        data, seed, batch, kv_heads, gqa, k_bits, v_bits, key_groups, residual, scale_dtype
+    )
+    kernel = jax.jit(functools.partial(quantized_attention, block=block, interpret=True))
+    out = kernel(*case, lengths_quant=jnp.asarray(lengths[0]), lengths_res=jnp.asarray(lengths[1]))
+    assert_matches_reference64(out, quantized_reference64(case, *lengths))
 
 
 @pytest.mark.parametrize(

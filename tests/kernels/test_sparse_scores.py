@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kernel_cases import FEW, GQA, SEEDS, TOLERANCE, gaussian
 
-from dami_jax.kernels.sparse_scores import MODES, token_scores
 from dami_jax.tailorkv import cache as reference
+from dami_kernels.sparse_scores import MODES, token_scores
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "block"))

@@ -1,4 +1,5 @@
-"""KIVI-style quantization primitives: packing, error bounds, and quantized decode attention."""
+"""KIVI-style quantization: error bounds, the stores, and quantized decode attention (the bit
+packing itself: tests/kernels/test_packing.py)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dami_jax.models.attention import attention
-from dami_jax.tailorkv.quant import (
-    QuantizedKeys,
-    QuantizedValues,
-    check_quant_config,
-    pack_bits,
-    quantize_keys,
-    quantize_values,
-    unpack_bits,
-)
+from dami_jax.tailorkv.quant import quantize_keys, quantize_values
 from dami_jax.tailorkv.quant_attention import quantized_attention
+from dami_kernels.packing import QuantizedKeys, QuantizedValues, check_quant_config, pack_bits, unpack_bits
 
 BITS = st.sampled_from([1, 2, 4])
 SCALE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -34,12 +28,6 @@ FEW = settings(deadline=None, max_examples=15)
 
 # Everything runs under jit with few distinct shapes: a jit compile costs far less than eager
 # dispatch compiling every primitive for every new shape.
-
-
-@functools.partial(jax.jit, static_argnames=("bits", "axis", "length"))
-def pack_round_trip(codes, bits, axis, length):
-    words = pack_bits(codes, bits, axis)
-    return words, unpack_bits(words, bits, axis, length)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "scale_dtype"))
@@ -85,30 +73,6 @@ def within_half_scale(x: np.ndarray, deq: np.ndarray, scale: np.ndarray) -> None
     tol = 4 * np.finfo(np.float32).eps * (np.abs(x) + np.abs(deq) + 1e-30)
     excess = np.abs(x - deq) - (scale / 2 + tol)
     assert excess.max() <= 0, f"error exceeds scale/2 by {excess.max()}"
-
-
-# --------------------------------------------------------------------------- packing
-
-
-@FEW
-@given(bits=BITS, length=st.integers(0, 70), lead=st.integers(1, 3), axis=st.sampled_from([0, 1, -1]), seed=SEEDS)
-def test_pack_unpack_round_trip(bits, length, lead, axis, seed):
-    shape = [lead, 2, 2]
-    shape[axis] = length
-    codes = np.random.default_rng(seed).integers(0, 2**bits, size=shape, dtype=np.uint8)
-    words, back = pack_round_trip(jnp.asarray(codes), bits, axis, length)
-    assert words.dtype == jnp.uint32
-    assert words.shape[axis] == -(-length // (32 // bits))
-    assert back.dtype == jnp.uint8
-    np.testing.assert_array_equal(np.asarray(back), codes)
-
-
-def test_pack_bit_order():
-    # code i sits at bit offset bits * (i % (32 // bits)), little end first; the tail is zero.
-    assert int(pack_bits(jnp.array([1, 2, 3]), 2)[0]) == 1 | 2 << 2 | 3 << 4
-    words = pack_bits(jnp.ones(33, jnp.uint8), 1)
-    assert [int(w) for w in words] == [0xFFFFFFFF, 1]
-    assert int(pack_bits(jnp.array([15] * 8), 4)[0]) == 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------------- quantization

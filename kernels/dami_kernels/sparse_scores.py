@@ -3,7 +3,7 @@ group's critical channels, reading only those channels of the transposed keys.
 
 Reference: :func:`dami_jax.tailorkv.cache.token_scores` (same ``mode`` values). The top-k
 selection over the scores stays in XLA (``jax.lax.top_k``); attention over the selected rows,
-sink + recent and generated tokens is :func:`dami_jax.kernels.decode_attention.segment_attention`.
+sink + recent and generated tokens is :func:`dami_kernels.decode_attention.segment_attention`.
 
 Program (b, h, i) scores prompt tokens [i * block, (i + 1) * block) for KV head h. It reads:
 - the query values at the C chosen channels: float32 [C, rows], rows = the group's G heads
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dami_jax.kernels.blocks import F32, next_power_of_2, token_block
-from dami_jax.kernels.pallas_blocks import COMPILER_PARAMS, load_rows, program_rows, store_rows
+from dami_kernels.blocks import F32, next_power_of_2, token_block
+from dami_kernels.pallas_blocks import COMPILER_PARAMS, load_rows, program_rows, store_rows
 
 MODES = ("group_mean", "head_max")  # TailorKVConfig.token_score (dami_jax.tailorkv.cache.TOKEN_SCORES is this)
 
