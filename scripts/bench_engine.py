@@ -23,11 +23,16 @@ greedy, measured in one run. Every workload runs once to compile, then once time
    of all slots; decode steps at live lengths of 100 to 7000 tokens, rows read live
    (``RowLayout``'s default) against rows read whole (the engine before, ``window`` = capacity);
    and warm-up: the compilations and seconds of ``Engine.warmup`` at 8192.
+5. ``steps`` (not run by default; the GPU check's, with ``--dtype bfloat16``): decode step times at
+   ``max_len`` 8192 and 32768 (SmolLM2's shapes, its context stretched), every slot busy with rows
+   1024 tokens long or nearly full: slot 0 alone and all slots, per decode attention (XLA, and on
+   a GPU the Pallas kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Callable, Sequence
 
@@ -259,10 +264,13 @@ def toy(args: argparse.Namespace) -> None:
     step_costs(pair, args.slots, max_len)
 
 
-def smollm2_pair() -> ModelPair:
-    """SmolLM2-135M-Instruct in float32 as both endpoints (one model, lambda 0)."""
+def smollm2_pair(dtype: str = "float32", context: int | None = None) -> ModelPair:
+    """SmolLM2-135M-Instruct as both endpoints (one model, lambda 0); ``context`` overrides its
+    max_position_embeddings (8192), for step times past it (RoPE runs on; timing only)."""
     folder = smollm2_checkpoint()
-    cfg, params = dj.load_checkpoint(folder, dtype=jnp.float32)
+    cfg, params = dj.load_checkpoint(folder, dtype=jnp.dtype(dtype))
+    if context is not None:
+        cfg = dataclasses.replace(cfg, max_position_embeddings=context)
     tokenizer = load_tokenizer(folder)
     return ModelPair(cfg, params, params, {"instruct": tokenizer, "thinking": tokenizer}, {"instruct": str(folder), "thinking": str(folder)})
 
@@ -276,6 +284,23 @@ def smollm2(args: argparse.Namespace) -> None:
     report("SmolLM2-135M, heavy-tailed budgets", requests, args.slots, max_len, smollm2_static(one_model), one_model, budget_steps)
     print("step costs, SmolLM2-135M (both endpoints the same weights):")
     step_costs(one_model, args.slots, max_len)
+
+
+def steps(args: argparse.Namespace) -> None:
+    """Decode step times of the engine at large ``max_len`` (8k, 32k: the GPU check's rows)."""
+    kernels = ("xla", "pallas") if jax.default_backend() == "gpu" else ("xla",)
+    for max_len in args.step_max_lens:
+        pair = smollm2_pair(args.dtype, context=max_len)
+        rng = np.random.default_rng(args.seed)
+        print(f"\nengine decode step, SmolLM2-135M shapes, {args.dtype}, {args.slots} slots busy, max_len {max_len}: "
+              f"ms per step of slot 0 alone (rows bucket 1) / of all slots")  # fmt: skip
+        for length in (1024, max_len - 256):
+            tokens = rng.integers(0, pair.cfg.vocab_size, length).tolist()
+            for kernel in kernels:
+                engine = decoding_engine(pair, args.slots, max_len, tokens, args.slots, kernel=kernel, prefill_chunk=2048)
+                lone, full = (call_ms(engine, decode_plan(engine, rows, 0.0)) for rows in (1, args.slots))
+                print(f"  {kernel:<6} rows at {length:6d} live tokens: {lone:8.2f} / {full:8.2f} ms "
+                      f"({args.slots / full * 1e3:8.1f} tok/s with every slot busy)")  # fmt: skip
 
 
 def live(args: argparse.Namespace) -> None:
@@ -322,8 +347,11 @@ def main() -> None:
     parser.add_argument("--toy-new-tokens", type=int, default=160)
     parser.add_argument("--smollm2-requests", type=int, default=96)
     parser.add_argument("--live-tokens", type=int, default=128, help="new tokens of part 4's stream")
-    parser.add_argument("--workloads", nargs="+", choices=("toy", "smollm2", "live"), default=["toy", "smollm2", "live"],
-                        help="which workloads to run (toy: parts 1-2; smollm2: part 3; live: part 4)")  # fmt: skip
+    parser.add_argument("--step-max-lens", type=int, nargs="+", default=[8192, 32768], help="max_len of the steps workload")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights of the steps workload")
+    parser.add_argument("--workloads", nargs="+", choices=("toy", "smollm2", "live", "steps"), default=["toy", "smollm2", "live"],
+                        help="which workloads to run (toy: parts 1-2; smollm2: part 3; live: part 4; steps: step times "
+                             "at --step-max-lens, the GPU check's)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, float32, greedy")
@@ -334,6 +362,8 @@ def main() -> None:
         smollm2(args)
     if "live" in args.workloads:
         live(args)
+    if "steps" in args.workloads:
+        steps(args)
 
 
 if __name__ == "__main__":

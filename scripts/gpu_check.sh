@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check: everything in this repository that needs a GPU, in one go (about 8 minutes
+# One-shot GPU check: everything in this repository that needs a GPU, in one go (about 10 minutes
 # on one H100 or H200; each step has its own time limit, so one that hangs does not take the
 # others with it), written up in docs/gpu-results.md: card, date, versions, every step's output.
 #
@@ -38,6 +38,7 @@ STEPS=(
     "bench_tailorkv 90 scripts/bench_tailorkv.py --dtype bfloat16 --skip-quanto --hf-dense"
     "bench_interpolate 30 scripts/bench_interpolate.py"
     "bench_decode 75 scripts/bench_decode.py --dtype bfloat16 --repeats 2"
+    "bench_engine 150 scripts/bench_engine.py --workloads steps --dtype bfloat16"
 )
 STANDIN=scripts/smollm2_standin.py
 
@@ -172,7 +173,7 @@ run_check() {
         echo "- host: $(nproc) CPU cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 2^20}' /proc/meminfo) memory"
         echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (no git here)')"
         versions
-        echo "- SmolLM2-135M (bench_tailorkv, bench_decode): $smollm2"
+        echo "- SmolLM2-135M (bench_tailorkv, bench_decode, bench_engine): $smollm2"
         echo "$body"
     } >docs/gpu-results.md
     if [[ -n ${OUT:-} ]]; then

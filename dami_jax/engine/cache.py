@@ -14,9 +14,10 @@ that the decoder runs on (the backend protocol, :class:`SlotCache`):
   tokens;
 - :meth:`SlotKVCache.decoding`: one new token for each of rows 0..R-1.
 A view writes only its real new tokens (a scatter; padding is dropped) and reads through
-:func:`~dami_jax.models.attention.live_attention`: the first ``window`` slots and then only the
-blocks that the longest live row reaches. So a step costs what its rows hold, not what the engine
-was sized for.
+:func:`~dami_jax.models.attention.live_attention` (the first ``window`` slots, then only the
+blocks that the longest live row reaches) or, for decode steps on a GPU, the Pallas kernel that
+loads each row's live blocks only. So a step costs what its rows hold, not what the engine was
+sized for.
 """
 
 from __future__ import annotations
@@ -32,6 +33,25 @@ from dami_jax.decoding.cache import replace_layer
 from dami_jax.models.attention import attention, live_attention
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.model import KVCache
+from dami_kernels.blocks import head_dim_fits
+from dami_kernels.decode_attention import decode_attention
+
+KERNELS = ("auto", "xla", "pallas")
+
+
+def resolve_kernel(kernel: str, cfg: ModelConfig, backend: str | None = None) -> str:
+    """What computes a decode step's attention: ``"xla"`` (:func:`live_attention`) or ``"pallas"``
+    (:func:`dami_kernels.decode_attention.decode_attention`, per-row lengths: it loads no block
+    past a row's length; interpreted on CPU, for checking). ``"auto"``: Pallas on a GPU where
+    the kernel takes the head size, XLA elsewhere. Prompt pieces always take the XLA path."""
+    backend = backend or jax.default_backend()
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        return "pallas" if backend == "gpu" and head_dim_fits(cfg.head_dim) else "xla"
+    if kernel == "pallas" and not head_dim_fits(cfg.head_dim):
+        raise ValueError(f"kernel='pallas' takes head_dim a power of two >= 16, got {cfg.head_dim}")
+    return kernel
 
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
@@ -89,10 +109,11 @@ class SlotKVCache:
     length: jax.Array  # int32 [slots]
     window: int = flax.struct.field(pytree_node=False)
     block: int = flax.struct.field(pytree_node=False)
+    kernel: str = flax.struct.field(pytree_node=False, default="xla")  # a decode step's attention (resolve_kernel)
 
     @classmethod
-    def create(cls, cfg: ModelConfig, slots: int, max_len: int, dtype=jnp.float32, layout: RowLayout = RowLayout()
-               ) -> "SlotKVCache":  # fmt: skip
+    def create(cls, cfg: ModelConfig, slots: int, max_len: int, dtype=jnp.float32, layout: RowLayout = RowLayout(),
+               kernel: str = "xla") -> "SlotKVCache":  # fmt: skip
         capacity = layout.capacity(max_len)
         shape = (slots, cfg.num_kv_heads, capacity, cfg.head_dim)
 
@@ -100,7 +121,7 @@ class SlotKVCache:
             return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
 
         return cls(k=zeros(), v=zeros(), length=jnp.zeros((slots,), jnp.int32), window=min(capacity, layout.window),
-                   block=layout.block)  # fmt: skip
+                   block=layout.block, kernel=resolve_kernel(kernel, cfg))  # fmt: skip
 
     @property
     def slots(self) -> int:
@@ -131,7 +152,7 @@ class SlotKVCache:
     def decoding(self, rows: int, active: jax.Array) -> "RowsView":
         # An idle row queries slot 0 only, so that its stale length never widens the read.
         slots = jnp.where(active, self.length[:rows], 0)[:, None]
-        return RowsView(self, jnp.zeros((), jnp.int32), slots, active[:, None])
+        return RowsView(self, jnp.zeros((), jnp.int32), slots, active[:, None], decoding=True)
 
 
 @flax.struct.dataclass
@@ -142,6 +163,7 @@ class RowsView:
     first_row: jax.Array  # int32 []
     slots: jax.Array  # int32 [R, T]: each new token's slot in its row (its RoPE position)
     written: jax.Array  # bool [R, T]: the token is real (written, counted in the row's length)
+    decoding: bool = flax.struct.field(pytree_node=False, default=False)  # rows 0..R-1, one token each
 
     def positions(self, num_tokens: int) -> jax.Array:
         return self.slots
@@ -152,8 +174,12 @@ class RowsView:
     def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "RowsView"]:
         rows = self.first_row + jnp.arange(self.slots.shape[0])[:, None]
         cache = self.cache.write(layer, k, v, jnp.where(self.written, rows, self.cache.slots), self.slots)
-        out = live_attention(q, cache.k[layer], cache.v[layer], self.first_row, self.slots,
-                             window=cache.window, block=cache.block)  # fmt: skip
+        if self.decoding and cache.kernel == "pallas":  # rows 0..R-1, one query each; an idle row reads nothing
+            lengths = jnp.where(self.written, self.slots + 1, 0)[:, 0]
+            out = decode_attention(q, cache.k[layer], cache.v[layer], lengths, interpret=jax.default_backend() == "cpu")
+        else:
+            out = live_attention(q, cache.k[layer], cache.v[layer], self.first_row, self.slots,
+                                 window=cache.window, block=cache.block)  # fmt: skip
         return out, self.replace(cache=cache)
 
     def advance(self, num_tokens: int) -> "RowsView":

@@ -44,7 +44,7 @@ import jax
 from dami_jax.dami.pair import ModelPair
 from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
 from dami_jax.decoding.sampling import GREEDY, Sampling
-from dami_jax.engine.cache import RowLayout
+from dami_jax.engine.cache import RowLayout, resolve_kernel
 from dami_jax.engine.memory import size_engine
 from dami_jax.engine.requests import RequestLimits, Result, TokenEvent
 from dami_jax.engine.runtime import EngineStats, Pending, Runtime
@@ -78,7 +78,9 @@ class Engine:
     ``profile``: wait for the device after each call, so that ``stats.prefill_s`` and
     ``stats.decode_s`` split the time (otherwise they stay 0).
     ``cache``: the engine runs on its own per-slot dense cache; a TailorKV cache is refused.
-    ``layout``: how a decode step reads a row (:class:`~dami_jax.engine.cache.RowLayout`).
+    ``layout``: how the XLA path reads a row (:class:`~dami_jax.engine.cache.RowLayout`);
+    ``kernel``: what computes a decode step's attention (:func:`~dami_jax.engine.cache.resolve_kernel`:
+    ``"auto"`` is the Pallas kernel on a GPU, XLA elsewhere).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Engine:
         profile: bool = False,
         cache: CacheConfig = DenseCacheConfig(),
         layout: RowLayout = RowLayout(),
+        kernel: str = "auto",
     ):
         if not isinstance(cache, DenseCacheConfig):
             raise InputError(
@@ -113,6 +116,10 @@ class Engine:
             raise InputError(f"prefill_chunk: must be a power of two, got {prefill_chunk}")
         if admission not in ADMISSIONS:
             raise InputError(f"admission: must be one of {ADMISSIONS}, got {admission!r}")
+        try:
+            kernel = resolve_kernel(kernel, pair.cfg)
+        except ValueError as error:
+            raise InputError(f"kernel: {error}") from None
         cfg = pair.cfg
         itemsize = jax.tree.leaves(pair.instruct)[0].dtype.itemsize
         self.sizing = size_engine(cfg, itemsize, theta_cache * tree_bytes(pair.instruct), slots, max_len, layout)
@@ -122,7 +129,7 @@ class Engine:
         self.scheduler = Scheduler(self.slots, prefill_chunk=prefill_chunk, steps_per_call=steps_per_call, admission=admission)
         self.runtime = Runtime(pair, slots=self.slots, max_len=self.context, steps_per_call=steps_per_call,
                                prefill_chunk=prefill_chunk, max_stop_tokens=max_stop_tokens, theta_cache=theta_cache,
-                               extrapolate=extrapolate, layout=layout, profile=profile)  # fmt: skip
+                               extrapolate=extrapolate, layout=layout, kernel=kernel, profile=profile)  # fmt: skip
         self._in_flight: list[Pending] = []
         self._ids = itertools.count()
         self._born = time.perf_counter()

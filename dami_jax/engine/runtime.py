@@ -89,11 +89,12 @@ class Runtime:
     time (otherwise the host prepares the next call while the device computes)."""
 
     def __init__(self, pair: ModelPair, *, slots: int, max_len: int, steps_per_call: int, prefill_chunk: int,
-                 max_stop_tokens: int, theta_cache: int, extrapolate: bool, layout: RowLayout, profile: bool = False):  # fmt: skip
+                 max_stop_tokens: int, theta_cache: int, extrapolate: bool, layout: RowLayout, kernel: str = "xla",
+                 profile: bool = False):  # fmt: skip
         self.pair, self.cfg, self.profile = pair, pair.cfg, profile
         self.steps_per_call, self.prefill_chunk, self.stop_width = steps_per_call, prefill_chunk, max_stop_tokens
         dtype = jax.tree.leaves(pair.instruct)[0].dtype
-        self.state = SlotState.create(SlotKVCache.create(pair.cfg, slots, max_len, dtype, layout), max_stop_tokens)
+        self.state = SlotState.create(SlotKVCache.create(pair.cfg, slots, max_len, dtype, layout, kernel), max_stop_tokens)
         self.thetas = ThetaCache(pair, theta_cache, extrapolate)
         self.stats = EngineStats(slots)
 

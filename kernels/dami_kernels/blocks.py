@@ -177,7 +177,7 @@ def combine(parts: Sequence[Partials], num_heads: int) -> jax.Array:
 
 def attend(q: jax.Array, segments: Sequence[Segment], dense: Launcher, quantized: Launcher | None = None) -> jax.Array:
     """q [B, 1, Hq, hd] -> float32 [B, 1, Hq, hd], attention over all ``segments``' live slots
-    at once, from a backend's launches: ``dense(rows, segment)``, or ``quantized(rows, segment)``
+    at once (a segment's rows past B are never read), from a backend's launches: ``dense(rows, segment)``, or ``quantized(rows, segment)``
     for a segment of :class:`QuantizedKeys` and :class:`QuantizedValues` (rows from
     :func:`query_rows`, the segment's mask from :func:`visibility` and its lengths from
     :func:`row_lengths`), merged by :func:`combine`."""
@@ -188,8 +188,8 @@ def attend(q: jax.Array, segments: Sequence[Segment], dense: Launcher, quantized
     hkv = segments[0].k.shape[1]
     rows = query_rows(q, hkv)
     parts = []
-    for segment in segments:
-        b, _, s = segment.k.shape[:3]
+    for segment in segments:  # a segment may hold more rows than q (a per-slot cache whose first B rows decode)
+        b, s = q.shape[0], segment.k.shape[2]
         segment = segment._replace(mask=visibility(segment.mask, hkv), lengths=row_lengths(segment.lengths, b, s))
         parts.append((quantized if isinstance(segment.k, QuantizedKeys) else dense)(rows, segment))
     return combine(parts, q.shape[2])

@@ -141,6 +141,8 @@ def test_tailorkv_is_refused_with_what_it_lacks(pair):
         Engine(pair, prefill_chunk=40)
     with pytest.raises(InputError, match="max_len: must be an integer >= 2, got 1"):
         Engine(pair, max_len=1)
+    with pytest.raises(InputError, match="kernel: kernel must be one of"):
+        Engine(pair, kernel="cuda")
 
 
 def test_streamed_tokens_add_up_to_the_results(pair, stream, expected):
@@ -204,6 +206,15 @@ def test_decode_steps_read_only_the_live_blocks_of_each_row(pair, stream, expect
     results = engine.run()
     assert [r.tokens for r in results] == expected[:6]
     assert max(len(p) + n for p, _, n in stream[:6]) <= 224  # every row stays in the blocks below the poison
+
+
+def test_the_pallas_decode_kernel_gives_each_prompts_tokens(pair, stream, expected):
+    """The GPU's decode attention (interpreted here): per-row lengths, idle rows read nothing."""
+    engine = Engine(pair, slots=3, max_len=192, kernel="pallas")
+    assert engine.runtime.state.cache.kernel == "pallas"
+    for p, lam, n in stream[:5]:
+        engine.submit(p, lam=lam, max_new_tokens=n)
+    assert [r.tokens for r in engine.run()] == expected[:5]
 
 
 def test_no_compilation_after_warmup_across_every_kind_of_change(pair, stream):

@@ -62,6 +62,12 @@ def past(lengths, x: np.ndarray, fill=np.nan) -> np.ndarray:
     return x
 
 
+def spare(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` [B, ...] with ``rows`` more rows of NaN after its own (a cache larger than the batch)."""
+    x = np.asarray(x)
+    return np.concatenate([x, np.full((rows, *x.shape[1:]), np.nan, x.dtype)])
+
+
 def dense_strategies(dtypes=st.sampled_from([jnp.float32, jnp.bfloat16])) -> dict:
     """``@given`` keywords for a per-slot dense cache with rows of drawn lengths (the Pallas and
     Triton tests draw the same space; build it with :func:`draw_dense_case`)."""

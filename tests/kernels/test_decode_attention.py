@@ -29,6 +29,7 @@ from kernel_cases import (
     gaussian,
     lengths_strategy,
     past,
+    spare,
     reference64,
 )
 
@@ -89,18 +90,24 @@ def decode_and_xla(q, k, v, lengths, block, splits):
     return out, attention(q, k, v, live[:, None, :])
 
 
-def check_dense(q, k, v, lengths, block, splits) -> None:
-    out, xla = decode_and_xla(q, k, v, jnp.asarray(lengths), block=block, splits=splits)
+def check_dense(q, k, v, lengths, block, splits, spare_rows: int = 0) -> None:
+    """``spare_rows``: NaN rows past q's in the cache (the engine decodes slots 0..B-1 of more)."""
     reference = dense_reference64(q, k, v, lengths)
+    if spare_rows:
+        out = decode_attention(q, spare(k, spare_rows), spare(v, spare_rows), jnp.asarray(lengths), block=block,
+                               splits=splits, interpret=True)  # fmt: skip
+        return assert_matches_reference64(out, reference)
+    out, xla = decode_and_xla(q, k, v, jnp.asarray(lengths), block=block, splits=splits)
     assert out.shape == q.shape and out.dtype == jnp.float32
     assert_matches_reference64(out, reference)
     assert_matches_reference64(np.where(reference[1][:, None, None, None], xla, 0), reference)
 
 
-@pytest.mark.parametrize("block, splits, gqa", [(16, 3, 4), (64, 2, 17), (32, 16, 1)])
-def test_decode_attention_reads_each_row_up_to_its_length(block, splits, gqa):
-    """Rows of lengths 0 (an idle slot: zeros), 1, 63, 64, 65, S - 1 and S in one batch."""
-    check_dense(*edge_case(gqa), block, splits)
+@pytest.mark.parametrize("block, splits, gqa, spare_rows", [(16, 3, 4, 0), (64, 2, 17, 0), (32, 16, 1, 0), (16, 3, 4, 3)])
+def test_decode_attention_reads_each_row_up_to_its_length(block, splits, gqa, spare_rows):
+    """Rows of lengths 0 (an idle slot: zeros), 1, 63, 64, 65, S - 1 and S in one batch; the
+    cache's rows past the batch never read."""
+    check_dense(*edge_case(gqa), block, splits, spare_rows)
 
 
 @FEW
@@ -146,3 +153,4 @@ def test_bad_lengths_and_splits_are_named():
         decode_attention(q, kv, kv, jnp.zeros((3,), jnp.int32), interpret=True)
     with pytest.raises(ValueError, match="splits must be a positive int"):
         decode_attention(q, kv, kv, jnp.zeros((2,), jnp.int32), splits=0, interpret=True)
+
