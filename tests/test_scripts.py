@@ -119,6 +119,7 @@ def test_bench_http_bans_the_end_of_turn_on_both_servers():
     request = module.Request("What is 2+2?", 17)
     ours, theirs = module.body("ours", "m", request), module.body("llama", "m", request)
     assert ours["ignore_eos"] is True and theirs["logit_bias"] == {str(module.END_OF_TURN): -100.0}
+    assert theirs["cache_prompt"] is False  # llama-server's prompt cache off: we keep none either
     for body in (ours, theirs):
         assert body["max_tokens"] == 17 and body["temperature"] == 0.0 and body["stream"] is True
         assert body["messages"][0]["content"].startswith("What is 2+2?") and "\\boxed{}" in body["messages"][0]["content"]
