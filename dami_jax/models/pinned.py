@@ -21,7 +21,7 @@ from dami_jax.errors import InputError
 from dami_jax.files import write_atomic
 from dami_jax.models.assets import cache_dir, package_file, sha256
 from dami_jax.models.checkpoint import load_checkpoint, save_hf_checkpoint
-from dami_jax.models.gguf import check_convert_extra, convert_gguf
+from dami_jax.models.gguf import convert_gguf
 from dami_jax.models.low_rank import check_fits, load_low_rank, merge_low_rank_exact
 from dami_jax.models.params import fingerprint
 
@@ -55,7 +55,6 @@ def smollm2_checkpoint() -> Path:
     about a minute and writes ~540 MB), then cached in :func:`smollm2_folder`."""
     out = smollm2_folder()
     if not (out / "model.safetensors").is_file():
-        check_convert_extra()
         gguf = smollm2_gguf()
         out.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(out) + ".lock"):
