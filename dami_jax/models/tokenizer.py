@@ -29,7 +29,7 @@ def _no_advice() -> Iterator[None]:
 
 
 with _no_advice():
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402 - imported quietly, for the package
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401 - imported quietly, for the package
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

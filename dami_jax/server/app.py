@@ -43,7 +43,7 @@ from dami_jax.server.intake import budgets, check_length, parse, read_json, toke
 from dami_jax.server.intensity import Intensity, stop_strings
 from dami_jax.server.logprobs import Scorer, Spelling
 from dami_jax.server.metrics import Metrics
-from dami_jax.server.protocol import ChatRequest, CompletionRequest, RequestError, ResponseHead, error_body, usage
+from dami_jax.server.protocol import ChatRequest, CompletionRequest, RequestError, ResponseHead, error_body, refusal, usage
 from dami_jax.server.runner import EngineRunner, QueueFull, RunnerStopped
 
 DISCONNECT_POLL_S = 0.1
@@ -302,16 +302,6 @@ async def _unless_disconnected(http: Request, work: asyncio.Future) -> None:
     work.result()
 
 
-def _param(loc: tuple) -> str | None:
-    """The body field a pydantic error location names (without pydantic's union-member labels)."""
-    names = []
-    for part in loc:
-        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool")):
-            break
-        names.append(str(part))
-    return ".".join(names) or None
-
-
 def create_app(service: Service) -> FastAPI:
     """The FastAPI app over ``service``: its engine thread starts with the app and, at shutdown,
     lets requests in flight finish (``drain_timeout_s``) before it stops."""
@@ -368,16 +358,8 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(error_body(str(error), error.kind, error.param, error.code), error.status)
 
     @app.exception_handler(ValidationError)
-    async def invalid(_, error: ValidationError) -> Response:
-        first = error.errors()[0]
-        param, kind = _param(first.get("loc", ())), first.get("type", "")
-        if kind == "extra_forbidden":
-            message, code = f"{param}: unknown parameter", "unknown_parameter"
-        elif kind == "missing":
-            message, code = f"{param}: required", "missing_required_parameter"
-        else:
-            message, code = f"{param or 'body'}: {first.get('msg')}", "invalid_type" if kind.endswith("_type") else "invalid_value"
-        return JSONResponse(error_body(message, param=param, code=code), 400)
+    async def invalid(http: Request, error: ValidationError) -> Response:
+        return await refused(http, refusal(error))
 
     @app.exception_handler(HTTPException)
     async def no_route(http: Request, error: HTTPException) -> Response:

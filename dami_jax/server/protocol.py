@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dami_jax.errors import InputError
 
@@ -139,6 +139,22 @@ class CompletionRequest(_Sampled):
         if self.prompt and isinstance(self.prompt[0], int):
             return [self.prompt]
         return list(self.prompt)
+
+
+def refusal(error: ValidationError) -> RequestError:
+    """A request body's first type error as OpenAI names it (``param``: the field's path)."""
+    first = error.errors()[0]
+    names = []
+    for part in first.get("loc", ()):
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool")):
+            break  # pydantic's label for a member of a union of types, not a field
+        names.append(str(part))
+    param, kind = ".".join(names) or None, first.get("type", "")
+    if kind == "extra_forbidden":
+        return RequestError(f"{param}: unknown parameter", param, "unknown_parameter")
+    if kind == "missing":
+        return RequestError(f"{param}: required", param, "missing_required_parameter")
+    return RequestError(f"{param or 'body'}: {first.get('msg')}", param, "invalid_type" if kind.endswith("_type") else "invalid_value")
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:

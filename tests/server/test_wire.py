@@ -118,7 +118,7 @@ def test_bad_requests_get_openai_errors_and_others_go_on(server):
     with ThreadPoolExecutor(8) as pool:
         answers = [pool.submit(_post, server, CHAT, good) for _ in range(3)]
         refused = list(pool.map(lambda case: _post(server, case[0], case[1]), BAD))
-    for (path, body, status, param, code), response in zip(BAD, refused):
+    for (_, _, status, param, code), response in zip(BAD, refused):
         assert_error(response, status, param, code)
     texts = {a.result().json()["choices"][0]["message"]["content"] for a in answers}
     assert len(texts) == 1 and texts.pop()
