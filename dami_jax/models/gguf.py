@@ -42,6 +42,7 @@ BLOCK_TENSORS = {
 # Text splits that transformers reads as GPT-2's pattern (llama.cpp's names for them).
 GPT2_SPLITS = ("default", "gpt-2", "smollm")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+SPECIAL = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}  # -> tokenizer.ggml.*
 
 
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
@@ -63,10 +64,11 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        special = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in SPECIAL_IDS.items()}
-        config = {**config_to_hf(cfg), **{k: v for k, v in special.items() if v is not None}, "torch_dtype": "float32"}
+        ids = {f"{name}_token_id": meta.get(f"tokenizer.ggml.{key}") for name, key in SPECIAL.items()}
+        ids = {key: int(value) for key, value in ids.items() if value is not None}
+        config = {**config_to_hf(cfg), **ids, "torch_dtype": "float32"}
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        generation = {k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if special[k] is not None}
+        generation = {key: value for key, value in ids.items() if key != "unk_token_id"}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         tokenizer.save_pretrained(staging)
         if out_dir.exists():
@@ -77,24 +79,24 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-SPECIAL_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "padding_token_id",
-               "unk_token_id": "unknown_token_id"}  # fmt: skip
-
-
 class _Metadata:
-    """The file's key-value metadata, each read once; a missing required key names the file."""
+    """The file's key-value metadata, each value decoded once; a missing required key names the file."""
 
     def __init__(self, reader: gguf.GGUFReader, path: Path):
         self.fields, self.path = reader.fields, path
+        self._values: dict[str, Any] = {}
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self.fields.get(key)
-        return default if field is None else field.contents()
+        if key not in self.fields:
+            return default
+        if key not in self._values:
+            self._values[key] = self.fields[key].contents()
+        return self._values[key]
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.fields:
             raise InputError(f"{self.path}: the GGUF metadata has no {key}")
-        return self.fields[key].contents()
+        return self.get(key)
 
 
 def _config(meta: _Metadata, tied: bool) -> ModelConfig:
@@ -158,7 +160,8 @@ def _tokenizer(meta: _Metadata) -> PreTrainedTokenizerFast:
     if kind != "gpt2" or split not in GPT2_SPLITS:
         raise InputError(f"{meta.path}: tokenizer {kind!r} with text split {split!r}; converting without torch reads "
                          f"byte-level BPE (gpt2) vocabularies split as {', '.join(GPT2_SPLITS)}")  # fmt: skip
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or [1] * len(meta["tokenizer.ggml.tokens"])
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     spelling = byte_alphabet()
     alphabet = set(spelling.values())
     # A token stored as plain text (not in the byte alphabet) is spelled byte by byte.
@@ -172,6 +175,5 @@ def _tokenizer(meta: _Metadata) -> PreTrainedTokenizerFast:
                                 if kind == CONTROL and set(t) <= alphabet])  # fmt: skip
     backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, kind in zip(tokens, types)
                         if kind == USER_DEFINED and t in vocab])  # fmt: skip
-    named = {name: tokens[int(i)] for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-             ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")) if (i := meta.get(f"tokenizer.ggml.{key}")) is not None}  # fmt: skip
+    named = {f"{name}_token": tokens[int(i)] for name, key in SPECIAL.items() if (i := meta.get(f"tokenizer.ggml.{key}")) is not None}
     return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=meta.get("tokenizer.chat_template"), **named)

@@ -52,7 +52,7 @@ def smollm2_folder() -> Path:
 
 def smollm2_checkpoint() -> Path:
     """An HF folder converted from :func:`smollm2_gguf` on first use (announced on stderr: it takes
-    about a minute and writes ~540 MB), then cached in :func:`smollm2_folder`."""
+    under a minute and writes ~540 MB), then cached in :func:`smollm2_folder`."""
     out = smollm2_folder()
     if not (out / "model.safetensors").is_file():
         gguf = smollm2_gguf()
@@ -60,7 +60,7 @@ def smollm2_checkpoint() -> Path:
         with FileLock(str(out) + ".lock"):
             if not (out / "model.safetensors").is_file():
                 print(f"converting {SMOLLM2_NAME} ({gguf.stat().st_size / 1e6:.0f} MB GGUF) to safetensors in {out} "
-                      "(once; about a minute)", file=sys.stderr, flush=True)  # fmt: skip
+                      "(once; under a minute)", file=sys.stderr, flush=True)  # fmt: skip
                 started = time.perf_counter()
                 convert_gguf(gguf, out)
                 size = (out / "model.safetensors").stat().st_size

@@ -43,7 +43,9 @@ from dami_jax.server.intake import budgets, check_length, parse, read_json, toke
 from dami_jax.server.intensity import Intensity, stop_strings
 from dami_jax.server.logprobs import Scorer, Spelling
 from dami_jax.server.metrics import Metrics
-from dami_jax.server.protocol import ChatRequest, CompletionRequest, RequestError, ResponseHead, error_body, refusal, usage
+from dami_jax.server.protocol import (
+    ChatRequest, CompletionRequest, RequestError, ResponseHead, error_body, from_validation_error, usage,
+)  # fmt: skip
 from dami_jax.server.runner import EngineRunner, QueueFull, RunnerStopped
 
 DISCONNECT_POLL_S = 0.1
@@ -359,7 +361,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ValidationError)
     async def invalid(http: Request, error: ValidationError) -> Response:
-        return await refused(http, refusal(error))
+        return await refused(http, from_validation_error(error))
 
     @app.exception_handler(HTTPException)
     async def no_route(http: Request, error: HTTPException) -> Response:

@@ -141,7 +141,7 @@ class CompletionRequest(_Sampled):
         return list(self.prompt)
 
 
-def refusal(error: ValidationError) -> RequestError:
+def from_validation_error(error: ValidationError) -> RequestError:
     """A request body's first type error as OpenAI names it (``param``: the field's path)."""
     first = error.errors()[0]
     names = []

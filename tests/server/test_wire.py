@@ -229,7 +229,7 @@ def test_responses_validate_against_openai_schemas(server):
         assert_openai({**chunk, "choices": [{**chunk["choices"][0], "finish_reason": "length"}]}, "CreateCompletionResponse")
     assert_openai(client.models.list().model_dump(), "ListModelsResponse")
     accepted = chat(max_tokens=2, user="u1", metadata={"k": "v"}, store=False, tools=[], tool_choice="none", frequency_penalty=0,
-                    logit_bias={}, response_format={"type": "text"}, parallel_tool_calls=True, seed=None, stop=None,
+                    logit_bias={}, response_format={"type": "text"}, parallel_tool_calls=True, seed=-5, stop=None,
                     messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "refusal": None,
                               "tool_calls": None}, {"role": "user", "content": [{"type": "text", "text": "ok"}]}])  # fmt: skip
     assert _post(server, CHAT, accepted).status_code == 200
