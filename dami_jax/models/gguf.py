@@ -10,8 +10,10 @@ takes three steps that a plain read would miss:
 - llama.cpp stores ``attn_q`` / ``attn_k`` with each head's rows reordered for its rotary
   embedding (the two halves of a head interleaved); :func:`unpermute_heads` puts them back;
 - the vocabulary is rebuilt as transformers does: tokens marked control become special tokens,
-  user-defined ones plain added tokens, and text is split with GPT-2's pattern (SmolLM2's file
-  names its split ``smollm``, which transformers reads as GPT-2's).
+  user-defined ones plain added tokens, and text is split with GPT-2's pattern. SmolLM2's file
+  names its split ``smollm``, which llama.cpp applies with every digit split off first;
+  transformers reads it as GPT-2's, and so do we: the pinned Thinking update was trained on
+  that tokenization.
 """
 
 from __future__ import annotations
