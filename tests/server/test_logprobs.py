@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import KEY, assert_openai
+from serving import KEY, assert_openai
+from serving import pair, server  # noqa: F401 - the fixtures
 
 import dami_jax as dj
 from dami_jax.models.tokenizer import chat_tokens

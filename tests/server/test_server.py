@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import HOST, KEY, Server
+from serving import HOST, KEY, Server
+from serving import pair, server  # noqa: F401 - the fixtures
 
 import dami_jax as dj
 from dami_jax.models.tokenizer import chat_tokens

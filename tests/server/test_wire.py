@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import pytest
-from conftest import HOST, KEY, SCHEMAS, assert_openai
+from serving import HOST, KEY, SCHEMAS, assert_openai
+from serving import server  # noqa: F401 - the fixtures
 
 from dami_jax.cli.serve import MAX_BODY_BYTES, api_key_from
 from dami_jax.errors import InputError

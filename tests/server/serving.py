@@ -1,6 +1,9 @@
-"""The server under test, as users run it: a ``dami-jax serve`` process on 127.0.0.1 and a free
-port, the toy pair, the API key from the environment; and OpenAI's published response schemas
-(``openai_schemas.json``, extracted from openai/openai-openapi, MIT: the file says which commit)."""
+"""What the server tests share: the server as users run it (a ``dami-jax serve`` process on
+127.0.0.1 and a free port, the toy pair, the API key from the environment), and OpenAI's
+published response schemas (``openai_schemas.json``, extracted from openai/openai-openapi, MIT:
+the file says which commit). A test file takes the fixtures with ``from serving import pair, server``
+(not a conftest.py: ``from conftest import`` elsewhere must find the suite's own); each file
+starts its server once."""
 
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ class Server:
                 self.process.kill()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server():
     """The toy pair on 4 slots; its API key comes from DAMI_JAX_API_KEY."""
     running = Server("--slots", "4", "--steps-per-call", "1", env={"DAMI_JAX_API_KEY": KEY})
@@ -86,7 +89,7 @@ def server():
     running.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pair():
     return dj.load_toy_pair()
 
