@@ -6,6 +6,7 @@ loop here is bounded in count and time."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import threading
@@ -17,10 +18,13 @@ import jsonschema
 import pytest
 from serving import HOST, KEY, SCHEMAS, assert_openai
 from serving import server  # noqa: F401 - the fixtures
+from starlette.requests import Request
 
 from dami_jax.cli.serve import MAX_BODY_BYTES, api_key_from
 from dami_jax.errors import InputError
 from dami_jax.server import app
+from dami_jax.server.intake import read_json
+from dami_jax.server.protocol import RequestError
 
 pytestmark = pytest.mark.xdist_group("server")
 
@@ -139,18 +143,13 @@ def test_routes_methods_content_types_and_keys(server):
         assert_error(_post(server, CHAT, body, headers={**JSON, "Authorization": f"Bearer {key}"}), 401, None, "invalid_api_key")
     assert_error(_post(server, CHAT, body, headers={"Content-Type": "application/json"}), 401, None, "invalid_api_key")
     latin1 = f"GET /v1/models HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer t\xe9st\r\nConnection: close\r\n\r\n"
-    assert _raw(server, latin1.encode("latin-1"), []).startswith(b"HTTP/1.1 401")
+    assert _raw(server, latin1.encode("latin-1")).startswith(b"HTTP/1.1 401")
 
 
-def _raw(server, head: bytes, body_chunks: list[bytes]) -> bytes:
-    """Send a request by hand (what a hostile client may send) and read the answer's first line and headers."""
+def _raw(server, request: bytes) -> bytes:
+    """Send a request as written (what a hostile client may send) and read the whole answer."""
     with socket.create_connection((HOST, server.port), timeout=30) as s:
-        s.sendall(head)
-        try:
-            for chunk in body_chunks:
-                s.sendall(chunk)
-        except OSError:  # the server answered and closed before taking the rest: expected
-            pass
+        s.sendall(request)
         answer = b""
         while len(answer) < 2**20 and (data := s.recv(65536)):  # until the server closes (Connection: close)
             answer += data
@@ -158,18 +157,26 @@ def _raw(server, head: bytes, body_chunks: list[bytes]) -> bytes:
 
 
 def test_bodies_over_the_limit_get_413_before_they_are_read(server):
-    big = MAX_BODY_BYTES + 1
     head = (f"POST {CHAT} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {big}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
-    answer = _raw(server, head, [b'{"model": "dami-toy", '])  # declared too large: refused before the rest is sent
+            f"Content-Length: {MAX_BODY_BYTES + 1}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    answer = _raw(server, head)  # refused on its declared length: not a byte of the body is needed
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
-    chunked = (f"POST {CHAT} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-               "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
-    piece = b"x" * 2**20
-    answer = _raw(server, chunked, [b"%x\r\n%s\r\n" % (len(piece), piece)] * 12 + [b"0\r\n\r\n"])  # 12 MiB, undeclared
-    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_an_undeclared_body_is_read_only_up_to_the_limit():
+    """A body without Content-Length (chunked) that never ends: reading stops one piece past the limit."""
+    pieces = []
+
+    async def receive():
+        pieces.append(2**16)
+        return {"type": "http.request", "body": b"x" * 2**16, "more_body": True}
+
+    scope = {"type": "http", "method": "POST", "path": CHAT, "headers": [(b"content-type", b"application/json")]}
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(read_json(Request(scope, receive), 2**20))
+    assert refused.value.status == 413 and sum(pieces) == 2**20 + 2**16
 
 
 def test_a_5mb_prompt_neither_stalls_small_requests_nor_keeps_memory(server):
