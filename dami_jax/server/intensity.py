@@ -28,19 +28,12 @@ from dami_jax.dami.pair import ModelPair
 from dami_jax.dami.pref_router import load_pref_router
 from dami_jax.errors import InputError
 from dami_jax.models.tokenizer import chat_tokens
+from dami_jax.server.protocol import RequestError
 
 EFFORTS = ("minimal", "low", "medium", "high")
 DEFAULT_EFFORT_MAP = {"minimal": 0.0, "low": 0.3, "medium": 0.6, "high": 1.0}
 CONF_DRAFT_TOKENS = 32  # DAMI-Conf's draft budget when it routes a request
 CONF_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-
-
-class RequestError(InputError):
-    """A request the server refuses (HTTP 400), naming the body field at fault."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
-        super().__init__(message)
-        self.param, self.code = param, code
 
 
 def check_effort_map(mapping: dict[str, Any], source: str) -> dict[str, float]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import string
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from dami_jax.models.tokenizer import THINK_CLOSE, THINK_OPEN
+from dami_jax.models.tokenizer import THINK_CLOSE, THINK_OPEN, PreTrainedTokenizerFast
 
 # Special tokens (Qwen/ChatML names).
 ENDOFTEXT = "<|endoftext|>"  # padding

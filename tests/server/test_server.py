@@ -4,7 +4,6 @@ pair, the official ``openai`` client. Every load loop here is bounded in count a
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -15,68 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from serving import HOST, KEY, Server
+from serving import pair, server  # noqa: F401 - the fixtures
 
 import dami_jax as dj
 from dami_jax.models.tokenizer import chat_tokens
 from dami_jax.toy.evaluation import toy_problems
 
-HOST = "127.0.0.1"
-KEY = "test-key"
-START_TIMEOUT_S = 180
-pytestmark = pytest.mark.xdist_group("server")  # the servers of this file start once, in one worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A ``dami-jax serve`` process; ``url`` once it has printed its ready line."""
-
-    def __init__(self, *args: str):
-        self.port = free_port()
-        command = [sys.executable, "-m", "dami_jax.cli", "serve", "--host", HOST, "--port", str(self.port), *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        self.ready = ""
-        while time.monotonic() < deadline and self.process.poll() is None:
-            line = self.process.stdout.readline()
-            if "serving" in line:
-                self.ready = line
-                break
-        assert self.ready, f"the server did not start: {self.process.stderr.read() if self.process.poll() is not None else 'timeout'}"
-        self.url = f"http://{HOST}:{self.port}"
-
-    def client(self, key: str = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
-        return float(found.group(1)) if found else 0.0
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-
-
-@pytest.fixture(scope="module")
-def server():
-    running = Server("--slots", "4", "--api-key", KEY, "--steps-per-call", "1")
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return dj.load_toy_pair()
+pytestmark = pytest.mark.xdist_group("server")  # the servers of this folder start once, in one worker
 
 
 QUESTIONS = [p.question for p in toy_problems(6, seed=3)][:32]
@@ -161,51 +106,8 @@ def test_reasoning_effort_maps_to_lambdas(server):
     assert default.model_extra["lambda"] == 0.6  # no lambda, no router: medium
 
 
-BAD = [
-    ("/v1/chat/completions", b"{not json", None, "invalid_json"),
-    ("/v1/chat/completions", {"model": "dami-toy"}, "messages", None),
-    ("/v1/chat/completions", {"model": "dami-toy", "messages": []}, "messages", None),
-    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model", "model_not_found"),
-    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "lambda": 1.5}, "lambda", None),
-    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "lambda": "auto"}, "lambda", None),
-    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", None),
-    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, "max_tokens", None),
-    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "max"},
-     "reasoning_effort", None),  # fmt: skip
-    ("/v1/chat/completions", {"model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature", None),
-    ("/v1/completions", {"model": "dami-toy", "prompt": ""}, "prompt", None),
-    ("/v1/completions", {"model": "dami-toy", "prompt": "hi", "stop": [""]}, "stop", None),
-]
-
-
-def test_bad_requests_get_400_with_openai_errors_and_others_go_on(server, pair):
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-
-    def send(case):
-        path, body, _, _ = case
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60)
-
-    good = dict(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[3]}], temperature=0, max_tokens=80,
-                extra_body={"lambda": 0.7})  # fmt: skip
-    with ThreadPoolExecutor(8) as pool:
-        good_answers = [pool.submit(server.client().chat.completions.create, **good) for _ in range(3)]
-        refused = list(pool.map(send, BAD))
-    for case, response in zip(BAD, refused):
-        assert response.status_code == 400, (case, response.text)
-        error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error", error
-        assert error["message"]
-        if case[2] is not None:
-            assert error["param"] == case[2], (case, error)
-        if case[3] is not None:
-            assert error["code"] == case[3], (case, error)
-    text = expected_text(pair, QUESTIONS[3], 0.7, 80)[0]
-    assert [f.result().choices[0].message.content for f in good_answers] == [text] * 3
-    assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
-
-
 def test_a_key_is_required_when_set(server):
+    """The fixture's server took its key from DAMI_JAX_API_KEY."""
     for key in ("wrong", None):
         headers = {} if key is None else {"Authorization": f"Bearer {key}"}
         response = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10)
@@ -276,12 +178,26 @@ def test_a_full_queue_gets_429_and_sigterm_drains():
 
 
 def test_serve_checks_its_arguments_before_loading_models(tmp_path):
-    for args, fragment in ((["--router", str(tmp_path)], "not a router folder"), (["--port", "70000"], "--port 70000"),
-                           (["--effort-map", str(tmp_path / "none.json")], "--effort-map"),
-                           (["--slots", "0"], "--slots")):  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "dami_jax.cli", "serve", *args], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1
+    busy = socket.socket()
+    busy.bind((HOST, 0))
+    busy.listen()
+    port = str(busy.getsockname()[1])
+    missing = ["--instruct", str(tmp_path / "no-model"), "--thinking", str(tmp_path / "no-model")]  # loading would fail
+    (tmp_path / "empty-key").write_text("\n")
+    try:
+        for args, fragment in ((["--router", str(tmp_path)], "not a router folder"), (["--port", "70000"], "--port 70000"),
+                               (["--effort-map", str(tmp_path / "none.json")], "--effort-map"),
+                               (["--slots", "0"], "--slots"), (["--port", port, *missing], f"--port {port}: cannot listen"),
+                               (["--host", "no-such-host.invalid", *missing], "--host no-such-host.invalid"),
+                               (["--api-key", "k", "--api-key-file", str(tmp_path / "empty-key")], "give one"),
+                               (["--api-key-file", str(tmp_path / "empty-key")], "one word"),
+                               (["--max-body-bytes", "0"], "--max-body-bytes")):  # fmt: skip
+            done = subprocess.run([sys.executable, "-m", "dami_jax.cli", "serve", "--host", HOST, *args], capture_output=True,
+                                  text=True, timeout=60)  # fmt: skip
+            assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1
+    finally:
+        busy.close()
     bad_map = tmp_path / "efforts.json"
     bad_map.write_text(json.dumps({"minimal": 0, "low": 0.2, "medium": 2}))
     done = subprocess.run([sys.executable, "-m", "dami_jax.cli", "serve", "--effort-map", str(bad_map)],
