@@ -22,7 +22,7 @@ greedy, measured in one run. Every workload runs once to compile, then once time
    at batch 1 on the same prompt; one decode step of a lone row in a rows bucket of 1 against one
    of all slots; decode steps at live lengths of 100 to 7000 tokens, rows read live
    (``RowLayout``'s default) against rows read whole (the engine before, ``window`` = capacity);
-   and warm-up: the compilations and seconds of ``Engine.warmup`` at 8192.
+   and warm-up: the compilations and seconds of ``Engine.warmup``.
 5. ``steps`` (not run by default; the GPU check's, with ``--dtype bfloat16``): decode step times at
    ``max_len`` 8192 and 32768 (SmolLM2's shapes, its context stretched), every slot busy with rows
    1024 tokens long or nearly full: slot 0 alone and all slots, per decode attention (XLA, and on
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -303,6 +304,17 @@ def steps(args: argparse.Namespace) -> None:
                       f"({args.slots / full * 1e3:8.1f} tok/s with every slot busy)")  # fmt: skip
 
 
+def one_stream(engine: Engine, prompt: Sequence[int], new: int) -> list:
+    engine.submit(prompt, max_new_tokens=new, stop_tokens=[])
+    return engine.run()
+
+
+def lone_step_ms(pair: ModelPair, slots: int, prompt: Sequence[int], layout: RowLayout) -> float:
+    """One decode step of a lone row holding ``prompt``, at max_len 8192, rows read as ``layout`` says."""
+    engine = decoding_engine(pair, slots, 8192, prompt, 1, layout=layout, theta_cache=0)
+    return call_ms(engine, decode_plan(engine, 1, 0.0))
+
+
 def live(args: argparse.Namespace) -> None:
     pair = smollm2_pair()
     cfg, tokenizer, new = pair.cfg, pair.tokenizers["instruct"], args.live_tokens
@@ -312,31 +324,26 @@ def live(args: argparse.Namespace) -> None:
     print(f"  dj.generate, batch 1      : {new / generate_s:7.1f} tok/s")
     stream_s = {}
     for max_len in (512, 8192):
-        engine = Engine(pair, slots=args.slots, max_len=max_len)
-        engine.warmup()
-
-        def one_stream():
-            engine.submit(prompt, max_new_tokens=new, stop_tokens=[])
-            return engine.run()
-
-        _, stream_s[max_len], compiles, _ = timed(one_stream)
-        print(f"  engine, max_len {max_len:<5}    : {new / stream_s[max_len]:7.1f} tok/s  ({compiles} compiles after warm-up)")
+        engine = Engine(pair, slots=args.slots, max_len=max_len, theta_cache=0)  # lambda 0: an endpoint, never interpolated
+        before = COMPILES.count
+        warmup_s = engine.warmup()
+        warmup_compiles = COMPILES.count - before
+        _, stream_s[max_len], compiles, _ = timed(functools.partial(one_stream, engine, prompt, new))
+        print(f"  engine, max_len {max_len:<5}    : {new / stream_s[max_len]:7.1f} tok/s  (warm-up: {warmup_compiles} compilations "
+              f"in {warmup_s:.1f} s; {compiles} after it)")  # fmt: skip
     print(f"  one stream at 8192 over dj.generate batch 1: {generate_s / stream_s[8192]:.2f}x; "
           f"time at 8192 over 512: {stream_s[8192] / stream_s[512]:.2f}x")
-    engine = decoding_engine(pair, args.slots, 8192, prompt, busy=1)
+    del engine  # one engine's cache (3 GB at 8192) at a time
+    engine = decoding_engine(pair, args.slots, 8192, prompt, busy=1, theta_cache=0)
     lone, full = call_ms(engine, decode_plan(engine, 1, 0.0)), call_ms(engine, decode_plan(engine, args.slots, 0.0))
     print(f"  a decode step of one busy slot: rows bucket 1 {lone:.1f} ms, all {args.slots} rows {full:.1f} ms ({full / lone:.2f}x)")
+    del engine
     print("  one decode step of a lone row at its live length, max_len 8192 (ms): rows read live / read whole (before)")
     rng = np.random.default_rng(args.seed)
     for length in (100, 1000, 4000, 7000):
         tokens = rng.integers(0, cfg.vocab_size, length).tolist()
-        engines = [decoding_engine(pair, args.slots, 8192, tokens, 1, layout=layout) for layout in (RowLayout(), RowLayout(window=8192))]
-        ms = [call_ms(e, decode_plan(e, 1, 0.0)) for e in engines]
+        ms = [lone_step_ms(pair, args.slots, tokens, layout) for layout in (RowLayout(), RowLayout(window=8192))]
         print(f"    {length:5d} tokens: {ms[0]:7.1f} / {ms[1]:7.1f}  ({ms[1] / ms[0]:.2f}x)")
-    before = COMPILES.count
-    engine = Engine(pair, slots=args.slots, max_len=8192)
-    seconds = engine.warmup()
-    print(f"  warm-up at max_len 8192, {args.slots} slots: {COMPILES.count - before} compilations in {seconds:.1f} s")
 
 
 def main() -> None:
