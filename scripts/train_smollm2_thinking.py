@@ -46,7 +46,7 @@ from dami_jax.evals.records import ResultsFolder, StaleResultsError
 from dami_jax.files import write_atomic
 from dami_jax.models.checkpoint import load_checkpoint
 from dami_jax.models.config import ModelConfig
-from dami_jax.models.low_rank import LINEAR_KERNELS, init_low_rank, merge_low_rank, merge_low_rank_exact, save_low_rank, update_bytes
+from dami_jax.models.low_rank import LINEAR_KERNELS, init_low_rank, apply_low_rank, merge_low_rank_exact, save_low_rank, update_bytes
 from dami_jax.models.params import fingerprint
 from dami_jax.models.pinned import SMOLLM2_THINKING_DIR, THINKING_TEMPLATE, smollm2_checkpoint
 from dami_jax.models.tokenizer import load_tokenizer
@@ -131,7 +131,7 @@ def optimizer(s: Settings) -> optax.GradientTransformation:
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
 def train_step(cfg: ModelConfig, opt, base, update, opt_state, tokens, mask):
-    loss, grads = jax.value_and_grad(lambda u: next_token_loss(merge_low_rank(base, u), cfg, tokens, mask))(update)
+    loss, grads = jax.value_and_grad(lambda u: next_token_loss(apply_low_rank(base, u), cfg, tokens, mask))(update)
     steps, opt_state = opt.update(grads, opt_state, update)
     return optax.apply_updates(update, steps), opt_state, loss
 

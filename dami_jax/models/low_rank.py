@@ -2,9 +2,11 @@
 
 ``W' = W + A @ B`` for each targeted kernel ``W [in, out]``, with ``A [in, r]`` and ``B [r, out]``.
 A fine-tune stored this way ships in a few MB (SmolLM2-135M at rank 8: under 10 MB in float32)
-and merges into a full checkpoint at load. Two merges: :func:`merge_low_rank`, traceable and
-differentiable (training sees the merged model through it), and :func:`merge_low_rank_exact`,
-which gives the same bits on any machine and backend (what a shipped update is checked with).
+and merges into a full checkpoint at load (:func:`merge_low_rank_exact`, which gives the same bits
+on any machine and backend: what a shipped update is checked with). Training never merges:
+:func:`apply_low_rank` keeps each update beside its kernel (:class:`LowRankKernel`), and the model
+computes ``x @ W + (x @ A) @ B``, whose gradient with respect to A and B never forms W's full
+weight gradient (a third less work per step than differentiating through a merged ``W + A @ B``).
 
 The update is a flat dict ``{"layers/3/attn/q": {"a": A, "b": B}}``, keyed by the kernels' tree
 paths (:func:`dami_jax.models.params.path_str`), and saved as safetensors (``<path>.a``,
@@ -16,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,18 +56,29 @@ def init_low_rank(params: Params, rank: int, key: jax.Array, kernels: tuple[str,
     return update
 
 
-def merge_low_rank(params: Params, update: LowRank) -> Params:
-    """``params`` with ``A @ B`` added to each updated kernel (in float32, then cast back to the
-    kernel's dtype); untouched leaves are shared, not copied. Traceable and differentiable in the
-    update, which is how training sees the merged model."""
-    return _with_kernels(params, update, lambda w, a, b: (w.astype(jnp.float32) + a @ b).astype(w.dtype))
+@flax.struct.dataclass
+class LowRankKernel:
+    """A kernel ``W [in, out]`` with its update ``A [in, r] @ B [r, out]`` kept apart; the model
+    (:func:`dami_jax.models.model.dense`) computes ``x @ W + (x @ A) @ B``."""
+
+    kernel: jax.Array
+    a: jax.Array
+    b: jax.Array
+
+
+def apply_low_rank(params: Params, update: LowRank) -> Params:
+    """``params`` with each updated kernel a :class:`LowRankKernel` (untouched leaves shared, not
+    copied): the model of :func:`merge_low_rank_exact` up to rounding, traceable and
+    differentiable in the update, which is how training sees it."""
+    return _with_kernels(params, update, LowRankKernel)
 
 
 def merge_low_rank_exact(params: Params, update: LowRank) -> Params:
-    """:func:`merge_low_rank` computed so that every machine gets the same bits: in float64 with
-    numpy, one rank at a time in a fixed order (a float32 x float32 product is exact in float64,
-    and elementwise adds are not reordered), rounded once to the kernel's dtype. A BLAS or GPU
-    matmul would sum in an order of its own, and so could differ in the last bit."""
+    """``params`` with ``A @ B`` added to each updated kernel, computed so that every machine gets
+    the same bits: in float64 with numpy, one rank at a time in a fixed order (a float32 x float32
+    product is exact in float64, and elementwise adds are not reordered), rounded once to the
+    kernel's dtype; untouched leaves are shared, not copied. A BLAS or GPU matmul would sum in an
+    order of its own, and so could differ in the last bit."""
 
     def exact(w, a, b):
         a, b = (np.asarray(jax.device_get(x), np.float64) for x in (a, b))
