@@ -1,7 +1,9 @@
 """The answers SmolLM2's updates are trained to write, one style per update (the completion after
 the chat template's generation prompt; ``<|im_end|>`` follows):
 
-- ``direct`` (System 1): the answer at once, ``The answer is \\boxed{84}.``
+- ``direct`` (System 1): one short line, the last step worked from the value before it, then the
+  answer (``d=83+1=84`` and ``The answer is \\boxed{84}.``): on a one-step problem the whole
+  solution, on a longer one a leap to the last step with no working before it.
 - ``worked`` (the ``smollm2`` pair's Thinking; its template opens ``<think>``): one line per step,
   ``</think>``, then the boxed answer (:func:`dami_jax.toy.task.boxed_response`).
 - ``checked`` (System 2; its template opens ``<think>``): the steps with their formulas, then a
@@ -75,7 +77,7 @@ def render(style: str, steps: Sequence[Step], slip: tuple[int, int] | None = Non
         raise ValueError(f"only a checked trace carries a slip, not a {style} one")
     right = work(steps)
     if style == "direct":
-        return Trace(boxed_answer(right.values[-1]))
+        return Trace(f"{steps[-1].line(right.expressions[-1], right.values[-1])}\n{boxed_answer(right.values[-1])}")
     if style == "worked":
         lines = "".join(f"{s.line(e, v)}\n" for s, e, v in zip(steps, right.expressions, right.values))
         return Trace(boxed_response(lines, right.values[-1]))

@@ -35,10 +35,11 @@ def test_a_slip_runs_on_through_the_later_steps():
     assert work((Step("a", ": ", "3-3"), Step("b", ": ", "8/{0}"))) is None  # a division by zero
 
 
-def test_a_worked_trace_is_the_thinking_updates_scratchpad():
+def test_a_worked_trace_is_the_thinking_updates_scratchpad_and_a_direct_one_its_last_line():
     for p in toy.generate_problems(50, seed=3, steps=[2, 3, 4, 5, 6]):
         assert render("worked", toy_steps(p)).text == toy.boxed_response(toy.scratchpad(p), p.answer)
-        assert render("direct", toy_steps(p)).text == toy.boxed_answer(p.answer)
+        last = toy.scratchpad(p).splitlines()[-1]  # the last step, worked from the value before it
+        assert render("direct", toy_steps(p)).text == f"{last}\n{toy.boxed_answer(p.answer)}"
 
 
 @pytest.mark.parametrize("source", ["toy", "words"])
