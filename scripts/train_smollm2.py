@@ -92,7 +92,7 @@ class Recipe:
 RECIPES = {
     "thinking": Recipe("worked", THINKING, dict(rank=8, steps=320, batch=8, lr=1e-3, warmup=20, seed=0, word_fraction=0.5, slip_rate=0.0)),
     "system1": Recipe("direct", SYSTEM1, dict(rank=8, steps=40, batch=12, lr=1e-3, warmup=4, seed=0, word_fraction=0.5, slip_rate=0.0)),
-    "system2": Recipe("checked", SYSTEM2, dict(rank=8, steps=110, batch=6, lr=1e-3, warmup=8, seed=0, word_fraction=0.5, slip_rate=0.3)),
+    "system2": Recipe("checked", SYSTEM2, dict(rank=8, steps=160, batch=4, lr=1e-3, warmup=10, seed=0, word_fraction=0.5, slip_rate=0.3)),
 }
 PAIR = ("system1", "system2")  # what a run without names trains: the smollm2-systems pair
 

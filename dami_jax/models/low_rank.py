@@ -15,6 +15,7 @@ paths (:func:`dami_jax.models.params.path_str`), and saved as safetensors (``<pa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping
 
@@ -104,9 +105,22 @@ def update_bytes(update: LowRank) -> int:
 
 
 def save_low_rank(path: str | Path, update: LowRank, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``update`` as one safetensors file, atomically."""
+    """Write ``update`` as one safetensors file, atomically; the same update and metadata are
+    the same bytes (a shipped file's sha256 is pinned)."""
     tensors = {f"{p}.{name}": np.asarray(jax.device_get(x)) for p, f in update.items() for name, x in f.items()}
-    return write_atomic(path, save(tensors, metadata=dict(metadata or {})))
+    return write_atomic(path, _sorted_metadata(save(tensors, metadata=dict(metadata or {}))))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors writes the metadata in hash order, which differs from one process to the next:
+    rewrite the header with it sorted (the same length: only the order of its keys changes)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:
+        raise AssertionError(f"a sorted safetensors header grew from {size} to {len(text)} bytes")
+    return data[:8] + text.ljust(size) + data[8 + size :]
 
 
 def load_low_rank(path: str | Path) -> tuple[LowRank, dict[str, str]]:

@@ -134,8 +134,10 @@ THINKING = PinnedUpdate("SmolLM2-135M-Thinking", MODELS / "smollm2-thinking",
 
 # The smollm2-systems pair: System 1 answers at once, System 2 works, checks and corrects the steps
 # (scripts/train_smollm2.py system1 system2).
-SYSTEM1 = PinnedUpdate("SmolLM2-135M-System1", MODELS / "smollm2-system1", "114567af6f2e26c040daf4883645402f524cdc3f9542214f4e3e3c2e595316c7")
-SYSTEM2 = PinnedUpdate("SmolLM2-135M-System2", MODELS / "smollm2-system2", "", THINKING_TEMPLATE)
+SYSTEM1 = PinnedUpdate("SmolLM2-135M-System1", MODELS / "smollm2-system1",
+                       "2a6bbfa16e9959f24edf039e2bbdd4a2186d5aa7d5431ef9049cefa1fa56257e")  # fmt: skip
+SYSTEM2 = PinnedUpdate("SmolLM2-135M-System2", MODELS / "smollm2-system2",
+                       "d5609f497de4a7570f52471361f3d91615a2249f9084bf1a7fa5d013317ae74f", THINKING_TEMPLATE)  # fmt: skip
 
 # Pairs that load by name (dami_jax.dami.pair.load_pair, the CLI's --pair): Instruct and Thinking folders.
 PINNED_PAIRS = {"smollm2": (smollm2_checkpoint, THINKING.checkpoint), "smollm2-systems": (SYSTEM1.checkpoint, SYSTEM2.checkpoint)}

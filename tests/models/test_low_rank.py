@@ -108,6 +108,17 @@ def test_files_round_trip(tmp_path_factory, rank, seed):
     check_fits(params, loaded, str(path))
 
 
+def test_the_same_update_is_the_same_bytes(params, tmp_path):
+    """safetensors alone writes metadata in hash order; a pinned file must not depend on it."""
+    update = moved(init_low_rank(params, 2, jax.random.key(0), ("attn/q",)))
+    metadata = {key: f"value {i}" for i, key in enumerate(("settings", "merged", "base", "zeta", "alpha", "mid"))}
+    files = [save_low_rank(tmp_path / f"u{i}.safetensors", update, dict(reversed(metadata.items()) if i % 2 else metadata.items()))
+             for i in range(6)]  # fmt: skip
+    assert len({f.read_bytes() for f in files}) == 1
+    assert load_low_rank(files[0])[1] == metadata
+    assert files[0].read_bytes()[8:].startswith(b'{"__metadata__":{"alpha":"value 4","base":"value 2","merged"')
+
+
 def test_bad_files_are_named(tmp_path, params):
     with pytest.raises(InputError, match="missing.safetensors: not a low-rank update file"):
         load_low_rank(tmp_path / "missing.safetensors")
