@@ -158,16 +158,19 @@ def test_sweep_resumes_refuses_other_settings_and_starts_fresh(capsys, tmp_path)
 
 
 @pytest.mark.slow  # compiles the 30-layer SmolLM2 for prefill and decode
-def test_sweep_on_the_smollm2_pair_by_name(capsys, tmp_path, smollm2_path):
-    """--pair smollm2 loads the pair by name; its toy prompts carry the boxed-answer instruction."""
+@pytest.mark.parametrize("name", sorted(PINNED_PAIRS))
+def test_sweep_on_a_pinned_pair_by_name(capsys, tmp_path, smollm2_path, name):
+    """--pair NAME loads the pinned pair by name, both endpoints the merged models; its toy prompts
+    carry the boxed-answer instruction."""
     out = tmp_path / "sweep"
-    code, table, err = run(capsys, "sweep", "--pair", "smollm2", "--n-per-level", "1", "--lambdas", "0,1",
+    code, table, err = run(capsys, "sweep", "--pair", name, "--n-per-level", "1", "--lambdas", "0,1",
                            "--max-new-tokens", "4", "--template", "nearest", "--out", str(out))  # fmt: skip
     assert code == 0, err
     assert "lambda  accuracy" in table and len((out / "records.jsonl").read_text().splitlines()) == 12
     settings = json.loads((out / "settings.json").read_text())
     assert settings["style"] == "boxed" and settings["template"] == "nearest"
-    assert settings["instruct_weights"] == dj.fingerprint(dj.load_checkpoint(smollm2_path)[1])
+    endpoints = [dj.fingerprint(dj.load_checkpoint(folder())[1]) for folder in PINNED_PAIRS[name]]
+    assert [settings["instruct_weights"], settings["thinking_weights"]] == endpoints
 
 
 def test_sweep_ctrl_c_keeps_what_was_done_and_rerun_resumes(capsys, tmp_path, monkeypatch):

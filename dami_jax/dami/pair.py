@@ -51,8 +51,9 @@ def load_pair(
     """Load both checkpoints and check that they can be interpolated (same shapes, same vocab).
 
     ``instruct`` and ``thinking`` are HF folders; or ``instruct`` alone names a pinned pair
-    (:data:`dami_jax.models.pinned.PINNED_PAIRS`: ``"smollm2"``, SmolLM2-135M-Instruct and our
-    Thinking fine-tune of it), whose folders are converted or merged on first use and cached."""
+    (:data:`dami_jax.models.pinned.PINNED_PAIRS`: ``"smollm2-systems"``, our System 1 and System 2
+    fine-tunes of SmolLM2-135M-Instruct; ``"smollm2"``, SmolLM2-135M-Instruct and our Thinking
+    fine-tune of it), whose folders are converted or merged on first use and cached."""
     if thinking is None:
         if instruct not in PINNED_PAIRS:
             raise InputError(f"load_pair: give a Thinking folder beside {instruct}, or name a pinned pair ({', '.join(PINNED_PAIRS)})")

@@ -2,9 +2,11 @@
 
 ``W' = W + A @ B`` for each targeted kernel ``W [in, out]``, with ``A [in, r]`` and ``B [r, out]``.
 A fine-tune stored this way ships in a few MB (SmolLM2-135M at rank 8: under 10 MB in float32)
-and merges into a full checkpoint at load. Two merges: :func:`merge_low_rank`, traceable and
-differentiable (training sees the merged model through it), and :func:`merge_low_rank_exact`,
-which gives the same bits on any machine and backend (what a shipped update is checked with).
+and merges into a full checkpoint at load (:func:`merge_low_rank_exact`, which gives the same bits
+on any machine and backend: what a shipped update is checked with). Training never merges:
+:func:`apply_low_rank` keeps each update beside its kernel (:class:`LowRankKernel`), and the model
+computes ``x @ W + (x @ A) @ B``, whose gradient with respect to A and B never forms W's full
+weight gradient (a third less work per step than differentiating through a merged ``W + A @ B``).
 
 The update is a flat dict ``{"layers/3/attn/q": {"a": A, "b": B}}``, keyed by the kernels' tree
 paths (:func:`dami_jax.models.params.path_str`), and saved as safetensors (``<path>.a``,
@@ -13,9 +15,11 @@ paths (:func:`dami_jax.models.params.path_str`), and saved as safetensors (``<pa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,18 +57,29 @@ def init_low_rank(params: Params, rank: int, key: jax.Array, kernels: tuple[str,
     return update
 
 
-def merge_low_rank(params: Params, update: LowRank) -> Params:
-    """``params`` with ``A @ B`` added to each updated kernel (in float32, then cast back to the
-    kernel's dtype); untouched leaves are shared, not copied. Traceable and differentiable in the
-    update, which is how training sees the merged model."""
-    return _with_kernels(params, update, lambda w, a, b: (w.astype(jnp.float32) + a @ b).astype(w.dtype))
+@flax.struct.dataclass
+class LowRankKernel:
+    """A kernel ``W [in, out]`` with its update ``A [in, r] @ B [r, out]`` kept apart; the model
+    (:func:`dami_jax.models.model.dense`) computes ``x @ W + (x @ A) @ B``."""
+
+    kernel: jax.Array
+    a: jax.Array
+    b: jax.Array
+
+
+def apply_low_rank(params: Params, update: LowRank) -> Params:
+    """``params`` with each updated kernel a :class:`LowRankKernel` (untouched leaves shared, not
+    copied): the model of :func:`merge_low_rank_exact` up to rounding, traceable and
+    differentiable in the update, which is how training sees it."""
+    return _with_kernels(params, update, LowRankKernel)
 
 
 def merge_low_rank_exact(params: Params, update: LowRank) -> Params:
-    """:func:`merge_low_rank` computed so that every machine gets the same bits: in float64 with
-    numpy, one rank at a time in a fixed order (a float32 x float32 product is exact in float64,
-    and elementwise adds are not reordered), rounded once to the kernel's dtype. A BLAS or GPU
-    matmul would sum in an order of its own, and so could differ in the last bit."""
+    """``params`` with ``A @ B`` added to each updated kernel, computed so that every machine gets
+    the same bits: in float64 with numpy, one rank at a time in a fixed order (a float32 x float32
+    product is exact in float64, and elementwise adds are not reordered), rounded once to the
+    kernel's dtype; untouched leaves are shared, not copied. A BLAS or GPU matmul would sum in an
+    order of its own, and so could differ in the last bit."""
 
     def exact(w, a, b):
         a, b = (np.asarray(jax.device_get(x), np.float64) for x in (a, b))
@@ -90,9 +105,22 @@ def update_bytes(update: LowRank) -> int:
 
 
 def save_low_rank(path: str | Path, update: LowRank, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``update`` as one safetensors file, atomically."""
+    """Write ``update`` as one safetensors file, atomically; the same update and metadata are
+    the same bytes (a shipped file's sha256 is pinned)."""
     tensors = {f"{p}.{name}": np.asarray(jax.device_get(x)) for p, f in update.items() for name, x in f.items()}
-    return write_atomic(path, save(tensors, metadata=dict(metadata or {})))
+    return write_atomic(path, _sorted_metadata(save(tensors, metadata=dict(metadata or {}))))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors writes the metadata in hash order, which differs from one process to the next:
+    rewrite the header with it sorted (the same length: only the order of its keys changes)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:
+        raise AssertionError(f"a sorted safetensors header grew from {size} to {len(text)} bytes")
+    return data[:8] + text.ljust(size) + data[8 + size :]
 
 
 def load_low_rank(path: str | Path) -> tuple[LowRank, dict[str, str]]:

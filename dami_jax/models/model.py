@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from dami_jax.models.attention import attention, causal_mask
 from dami_jax.models.config import ModelConfig
+from dami_jax.models.low_rank import LowRankKernel
 from dami_jax.models.params import Params
 from dami_jax.models.rowmix import per_row
 
@@ -40,8 +41,12 @@ class KVCache(Protocol):
         """Mark ``num_tokens`` more slots as written (called once per step, after all layers)."""
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """x [B, ..., in] @ kernel [in, out] -> float32 [B, ..., out]."""
+def dense(x: jax.Array, kernel: jax.Array | LowRankKernel, bias: jax.Array | None = None) -> jax.Array:
+    """x [B, ..., in] @ kernel [in, out] -> float32 [B, ..., out]; a :class:`LowRankKernel` as
+    x @ W + (x @ A) @ B."""
+    if isinstance(kernel, LowRankKernel):
+        y = dense(x, kernel.kernel) + dense(dense(x, kernel.a), kernel.b)
+        return y if bias is None else y + bias.astype(jnp.float32)
     y = per_row(kernel, lambda w: jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32))
     return y if bias is None else per_row(bias, lambda b: y + b.astype(jnp.float32))
 

@@ -1,5 +1,6 @@
-"""Low-rank updates: a zero update merges to the base bit for bit, both merges agree, the exact
-merge is the same bits every time, and files round-trip or are refused with their fault named."""
+"""Low-rank updates: a zero update merges to the base bit for bit, the model with the update kept
+beside its kernels computes the merged model, the exact merge is the same bits every time, and
+files round-trip or are refused with their fault named."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from dami_jax.errors import InputError
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.low_rank import (
-    LINEAR_KERNELS, check_fits, init_low_rank, load_low_rank, merge_low_rank, merge_low_rank_exact, save_low_rank,
+    LINEAR_KERNELS, LowRankKernel, apply_low_rank, check_fits, init_low_rank, load_low_rank, merge_low_rank_exact, save_low_rank,
     target_paths, update_bytes,
 )  # fmt: skip
 from dami_jax.models.model import forward
@@ -46,33 +47,51 @@ def test_a_zero_update_merges_to_the_base_bit_for_bit(params):
     update = init_low_rank(params, 4, jax.random.key(0))
     assert all(f["a"].shape[1] == f["b"].shape[0] == 4 for f in update.values())
     assert update_bytes(update) == 4 * sum(4 * (f["a"].shape[0] + f["b"].shape[1]) for f in update.values())
-    for merge in (merge_low_rank, merge_low_rank_exact):
-        assert fingerprint(merge(params, update)) == fingerprint(params)
+    assert fingerprint(merge_low_rank_exact(params, update)) == fingerprint(params)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, 8)), jnp.int32)
+    np.testing.assert_array_equal(forward(apply_low_rank(params, update), CFG, tokens), forward(params, CFG, tokens))
 
 
-def test_the_merges_add_a_times_b_and_leave_the_rest(params):
+def test_the_merge_adds_a_times_b_and_leaves_the_rest(params):
     update = moved(init_low_rank(params, 3, jax.random.key(0)))
-    fast, exact = merge_low_rank(params, update), merge_low_rank_exact(params, update)
-    for (path, w), (_, f), (_, e) in zip(iter_paths(params), iter_paths(fast), iter_paths(exact)):
+    exact = merge_low_rank_exact(params, update)
+    for (path, w), (_, e) in zip(iter_paths(params), iter_paths(exact)):
         if path in update:
             want = np.asarray(w, np.float64) + np.asarray(update[path]["a"], np.float64) @ np.asarray(update[path]["b"], np.float64)
             np.testing.assert_allclose(e, want, rtol=0, atol=1e-6)
-            np.testing.assert_allclose(f, e, rtol=0, atol=1e-6)
         else:
-            assert f is w and e is w  # shared, not copied
+            assert e is w  # shared, not copied
     assert fingerprint(merge_low_rank_exact(params, update)) == fingerprint(exact)  # the same bits again
 
 
-def test_training_sees_the_merge_through_its_gradient(params):
-    """B's gradient is not zero at the start (A is random), A's is (B is zero)."""
+def test_the_model_with_the_update_beside_its_kernels_is_the_merged_model(params):
+    update = moved(init_low_rank(params, 3, jax.random.key(0)))
+    applied = apply_low_rank(params, update)
+    assert isinstance(applied["layers"][1]["mlp"]["down"], LowRankKernel) and applied["embed"] is params["embed"]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, 8)), jnp.int32)
+    merged = forward(merge_low_rank_exact(params, update), CFG, tokens)
+    np.testing.assert_allclose(forward(applied, CFG, tokens), merged, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(merged - forward(params, CFG, tokens)).max()) > 1e-3  # the update changes the model
+
+
+def test_training_sees_the_update_through_its_gradient(params):
+    """B's gradient is not zero at the start (A is random), A's is (B is zero); and it is the
+    gradient of the merged model's loss."""
     update = init_low_rank(params, 2, jax.random.key(0), ("attn/q",))
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, 8)), jnp.int32)
 
     def loss(u):
-        return jnp.mean(forward(merge_low_rank(params, u), CFG, tokens) ** 2)
+        return jnp.mean(forward(apply_low_rank(params, u), CFG, tokens) ** 2)
 
     grads = jax.grad(loss)(update)
     assert all(float(jnp.abs(g["b"]).max()) > 0 and float(jnp.abs(g["a"]).max()) == 0 for g in grads.values())
+    path = "layers/0/attn/q"
+    merged = jax.grad(lambda w: jnp.mean(forward(_with_q(params, w), CFG, tokens) ** 2))(params["layers"][0]["attn"]["q"])
+    np.testing.assert_allclose(grads[path]["b"], update[path]["a"].T @ merged, rtol=1e-4, atol=1e-7)  # dL/dB = A^T dL/dW
+
+
+def _with_q(params, q):
+    return {**params, "layers": [{**params["layers"][0], "attn": {**params["layers"][0]["attn"], "q": q}}, *params["layers"][1:]]}
 
 
 @settings(max_examples=10, deadline=None)
@@ -87,6 +106,17 @@ def test_files_round_trip(tmp_path_factory, rank, seed):
         for k in ("a", "b"):
             np.testing.assert_array_equal(loaded[p][k], update[p][k])
     check_fits(params, loaded, str(path))
+
+
+def test_the_same_update_is_the_same_bytes(params, tmp_path):
+    """safetensors alone writes metadata in hash order; a pinned file must not depend on it."""
+    update = moved(init_low_rank(params, 2, jax.random.key(0), ("attn/q",)))
+    metadata = {key: f"value {i}" for i, key in enumerate(("settings", "merged", "base", "zeta", "alpha", "mid"))}
+    files = [save_low_rank(tmp_path / f"u{i}.safetensors", update, dict(reversed(metadata.items()) if i % 2 else metadata.items()))
+             for i in range(6)]  # fmt: skip
+    assert len({f.read_bytes() for f in files}) == 1
+    assert load_low_rank(files[0])[1] == metadata
+    assert files[0].read_bytes()[8:].startswith(b'{"__metadata__":{"alpha":"value 4","base":"value 2","merged"')
 
 
 def test_bad_files_are_named(tmp_path, params):

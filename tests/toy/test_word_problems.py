@@ -32,7 +32,7 @@ def test_every_line_of_every_template_computes():
         p = next(stream)
         seen.add(p.template)
         previous = None
-        for line in p.steps:
+        for line in p.lines:
             result, value = evaluate(line)
             assert result == value and value >= 0, (p.question, line)
             previous = value
