@@ -31,6 +31,9 @@ import dami_jax as dj
 HOST = "127.0.0.1"
 KEY = "test-key"
 START_TIMEOUT_S = 180
+# The toy pair's whole context, given: picked from the host's free memory, a server's context would
+# follow whatever else the host runs at that moment, and so would the tests that fill it.
+MAX_LEN = 512
 SCHEMAS = json.loads((Path(__file__).with_name("openai_schemas.json")).read_text())
 
 
@@ -45,7 +48,8 @@ class Server:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
-        command = [sys.executable, "-m", "dami_jax.cli", "serve", "--host", HOST, "--port", str(self.port), *args]
+        context = [] if "--max-len" in args else ["--max-len", str(MAX_LEN)]
+        command = [sys.executable, "-m", "dami_jax.cli", "serve", "--host", HOST, "--port", str(self.port), *context, *args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, **(env or {})})  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
