@@ -173,6 +173,7 @@ def _route_eval(args: argparse.Namespace) -> None:
     out = out_folder(args.out)
 
     from dami_jax.dami.conf_router import ConfMap
+    from dami_jax.evals.paired import format_paired
     from dami_jax.evals.route_eval import ROUTED_FILE, SIGNALS_FILE, RouteEvalConfig, format_results, route_eval
     from dami_jax.evals.router_data import mix_problems, router_split
     from dami_jax.evals.sweep import RECORDS_FILE
@@ -193,6 +194,8 @@ def _route_eval(args: argparse.Namespace) -> None:
     with keeps("answers", out / "sweep" / RECORDS_FILE, out / SIGNALS_FILE, out / ROUTED_FILE):
         report = route_eval(pair, problems, out, routers, evaluation)
     print(format_results(report["results"]))
+    if report["paired"]:
+        print(format_paired(report["paired"]))
     if report["sensitivity"] is not None:
         rows = sorted(report["sensitivity"], key=lambda r: (-r["accuracy"], r["mean_tokens"]))
         print(f"DAMI-Conf sensitivity ({len(rows)} settings), the five most accurate:")
