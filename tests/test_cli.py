@@ -24,6 +24,7 @@ from dami_jax.models.pinned import PINNED_PAIRS, SMOLLM2_NAME, SMOLLM2_SHA256
 from dami_jax.tailorkv.cache import PRESETS, TOKEN_SCORES, TailorKVConfig
 from dami_jax.toy.pair import toy_pair_paths
 from dami_jax.toy.tokenizer import build_tokenizer, vocabulary
+from dami_jax.toy.traces import TRACES
 
 pytestmark = pytest.mark.xdist_group("toy_pair")  # shares compiled toy-pair functions with the toy tests
 
@@ -74,7 +75,7 @@ def test_help_answers_without_importing_jax():
 
 
 def test_cli_choices_match_the_library():
-    assert cli.TEMPLATES == sweep_module.TEMPLATES and cli.STYLES == sweep_module.STYLES
+    assert cli.TEMPLATES == sweep_module.TEMPLATES and cli.STYLES == sweep_module.STYLES and cli.TRACES == TRACES
     assert tuple(cli.PAIRS) == ("toy", *PINNED_PAIRS)
     assert cli.ROUTERS == SPECIAL_ROUTERS and cli.MIXES == ("all", *MIXES)
     assert cli.NIAH_CONFIGS == CONFIG_NAMES and cli.NIAH_DEPTHS == DEPTHS

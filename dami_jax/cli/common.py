@@ -33,6 +33,7 @@ PAIRS = {
 BENCHMARK_NAMES = ("toy", *BENCHMARKS)
 TEMPLATES = ("thinking", "instruct", "nearest")  # dami_jax.dami.pair.TEMPLATES (a test keeps them equal)
 STYLES = ("boxed", "toy")  # dami_jax.evals.sweep.STYLES (a test keeps them equal)
+TRACES = ("direct", "worked", "checked")  # dami_jax.toy.traces.TRACES (a test keeps them equal)
 CACHES = {"dense": None, "tailorkv-1": "TailorKV-1", "tailorkv-2": "TailorKV-2"}  # flag value -> TailorKV preset
 NIAH_CONFIGS = ("dense", "TailorKV-1", "TailorKV-2", "quanto-2", "quanto-4")  # dami_jax.evals.niah.run.CONFIG_NAMES
 NIAH_DEPTHS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)  # dami_jax.evals.niah.run.DEPTHS

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dami_jax.cli.common import (
-    MIXES, ROUTERS, Command, Interrupted, UsageError, add_benchmark, add_models, add_pair, add_style, check_lambdas,
+    MIXES, ROUTERS, TRACES, Command, Interrupted, UsageError, add_benchmark, add_models, add_pair, add_style, check_lambdas,
     check_pair_args, fraction, keeps, nonnegative_float, nonnegative_int, open_fraction, out_folder, pair_from,
     positive_float, positive_int, prompt_style, sampling_from, start_fresh,
 )
@@ -91,7 +91,8 @@ def _diagnose(args: argparse.Namespace) -> None:
     from dami_jax.toy.evaluation import diagnostic_sequences
 
     pair = pair_from(args)
-    sequences, masks = diagnostic_sequences(pair.tokenizers["thinking"], args.n_per_level, seed=args.seed, style=prompt_style(args))
+    sequences, masks = diagnostic_sequences(pair.tokenizers["thinking"], args.n_per_level, seed=args.seed, style=prompt_style(args),
+                                            trace=args.trace)  # fmt: skip
     continuity = representation_continuity(pair, sequences, args.lambdas, delta=args.delta)
     connectivity = loss_along_path(pair, sequences, masks, args.lambdas)
     print("lambda  CKA(next) min/mean  CKA(instruct) mean  CKA(thinking) mean  held-out loss  straight line")
@@ -173,6 +174,7 @@ def _route_eval(args: argparse.Namespace) -> None:
     out = out_folder(args.out)
 
     from dami_jax.dami.conf_router import ConfMap
+    from dami_jax.evals.paired import format_paired
     from dami_jax.evals.route_eval import ROUTED_FILE, SIGNALS_FILE, RouteEvalConfig, format_results, route_eval
     from dami_jax.evals.router_data import mix_problems, router_split
     from dami_jax.evals.sweep import RECORDS_FILE
@@ -193,6 +195,8 @@ def _route_eval(args: argparse.Namespace) -> None:
     with keeps("answers", out / "sweep" / RECORDS_FILE, out / SIGNALS_FILE, out / ROUTED_FILE):
         report = route_eval(pair, problems, out, routers, evaluation)
     print(format_results(report["results"]))
+    if report["paired"]:
+        print(format_paired(report["paired"]))
     if report["sensitivity"] is not None:
         rows = sorted(report["sensitivity"], key=lambda r: (-r["accuracy"], r["mean_tokens"]))
         print(f"DAMI-Conf sensitivity ({len(rows)} settings), the five most accurate:")
@@ -216,6 +220,9 @@ def register(command: Command) -> None:
     diag.add_argument("--n-per-level", type=positive_int, metavar="N", default=10, help="toy problems per difficulty level")
     diag.add_argument("--seed", type=nonnegative_int, metavar="N", default=0, help="which toy problems")
     add_style(diag)
+    diag.add_argument("--trace", choices=TRACES, default="worked",
+                      help="boxed style: the Thinking end's reference answer (worked = one line per step, the smollm2 pair's "
+                           "Thinking; checked = steps then a check of each, smollm2-systems' System 2)")  # fmt: skip
 
     train = command("train-router", "DAMI-Pref: train a router on preference pairs from sweep records", _train_router)
     train.add_argument("--records", action="append", required=True, metavar="DIR",

@@ -9,7 +9,8 @@ Everything goes into one results folder and resumes like a sweep:
 - ``routed.jsonl``: each router's answers, served at its lambdas on the engine
   (:class:`dami_jax.engine.engine.Engine`, continuous batching with a lambda per slot; its tokens
   are the cost; DAMI-Conf's draft tokens count too).
-- ``summary.json`` (one entry per method), ``frontier.png`` (routers as points on the fixed-lambda
+- ``summary.json`` (one entry per method), ``paired.json`` (each method against Thinking on the same
+  problems: the discordant counts and McNemar's exact p-value), ``frontier.png`` (routers as points on the fixed-lambda
   frontier), and for DAMI-Conf ``sensitivity.json`` / ``sensitivity.png``: its hyperparameter grid,
   each setting scored by looking its lambdas up in the sweep (exact for greedy decoding, which the
   served answers confirm).
@@ -36,6 +37,7 @@ from dami_jax.errors import InputError
 from dami_jax.evals.answering import answer_on_engine, grade_rows
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.frontier import sweep_points
+from dami_jax.evals.paired import Paired, paired
 from dami_jax.evals.grid import run_grid
 from dami_jax.evals.plots import plot_frontier, plot_sensitivity
 from dami_jax.evals.prompts import prompt_tokens
@@ -50,6 +52,8 @@ SWEEP_DIR = "sweep"
 SIGNALS_FILE = "conf-signals.jsonl"
 ROUTED_FILE = "routed.jsonl"
 SUMMARY_FILE = "summary.json"
+PAIRED_FILE = "paired.json"
+REFERENCE = "thinking"  # what every method is tested against, on the same problems
 SPECIAL_ROUTERS = ("conf", "oracle")
 # DAMI-Conf's sensitivity grid (every combination is scored from the sweep records).
 SENSITIVITY_GRID = {
@@ -112,13 +116,24 @@ class _Evaluation:
         records = run_sweep(pair, self.problems, folder.path / SWEEP_DIR, config.sweep, progress=progress)
         self.sweep = {(round(float(r["lambda"]), 6), r["id"]): r for r in records}
         self.routed = folder.log(ROUTED_FILE)
+        self.correct: dict[str, dict[str, bool]] = {}  # method -> problem id -> right? (for the paired tests)
+
+    def summarize(self, method: str, records: Sequence[dict[str, Any]]) -> MethodResult:
+        self.correct[method] = {r["id"]: bool(r["correct"]) for r in records}
+        return summarize(method, records)
 
     def baselines(self) -> list[MethodResult]:
-        return [summarize(baseline_name(lam), [self.sweep[(lam, p.id)] for p in self.problems]) for lam in self.grid]
+        return [self.summarize(baseline_name(lam), [self.sweep[(lam, p.id)] for p in self.problems]) for lam in self.grid]
 
     def oracle(self) -> MethodResult:
         chosen = [self.sweep[(oracle_choice(rollouts(self.sweep, self.grid, p.id)).lam, p.id)] for p in self.problems]
-        return summarize("oracle", chosen)
+        return self.summarize("oracle", chosen)
+
+    def paired(self) -> list[Paired]:
+        """Every other method against Thinking on the same problems (none without lambda 1 in the grid)."""
+        if REFERENCE not in self.correct:
+            return []
+        return [paired(m, c, REFERENCE, self.correct[REFERENCE]) for m, c in self.correct.items() if m != REFERENCE]
 
     def serve(self, problems: Sequence[Problem], lambdas: Sequence[float]) -> Iterator[list[dict[str, Any]]]:
         """Answer ``problems`` at per-problem ``lambdas`` on the engine (each prompt in the template
@@ -157,7 +172,7 @@ class _Evaluation:
 
         records = run_grid(self.routed, [method], [p.id for p in self.problems], _key, work,
                            desc=method, unit="answer", progress=self.progress)  # fmt: skip
-        return summarize(method, records)
+        return self.summarize(method, records)
 
     # ------------------------------------------------------------------ DAMI-Pref
 
@@ -233,7 +248,8 @@ def route_eval(
 ) -> dict[str, Any]:
     """Evaluate ``routers`` (a DAMI-Pref router folder, ``"conf"``, ``"oracle"``) on ``problems``
     against every fixed lambda of the grid; baselines and the oracle are always reported. Returns
-    {"results": [MethodResult...], "sensitivity": rows or None, "files": {name: path}}."""
+    {"results": [MethodResult...], "paired": [Paired...] (each against Thinking), "sensitivity": rows or None,
+    "files": {name: path}}."""
     pref_dirs = [Path(r) for r in routers if str(r) not in SPECIAL_ROUTERS]
     if len(pref_dirs) > 1:
         raise InputError(f"one DAMI-Pref router per evaluation, got {len(pref_dirs)}: {', '.join(map(str, pref_dirs))}")
@@ -257,11 +273,13 @@ def route_eval(
         signals = run.draft()
         results.append(run.conf(signals))
         sensitivity = run.sensitivity(signals)
-    files = {"summary": write_atomic(folder.path / SUMMARY_FILE, json.dumps([dataclasses.asdict(r) for r in results], indent=1) + "\n")}
+    tests = run.paired()
+    files = {"summary": write_atomic(folder.path / SUMMARY_FILE, json.dumps([dataclasses.asdict(r) for r in results], indent=1) + "\n"),
+             "paired": write_atomic(folder.path / PAIRED_FILE, json.dumps([dataclasses.asdict(t) for t in tests], indent=1) + "\n")}  # fmt: skip
     points = sweep_points(run.sweep.values())
     marks = [(r.method, r.mean_tokens, r.accuracy) for r in results if r.method in ("oracle", "dami-pref", "dami-conf")]
     files["frontier"] = plot_frontier(points, folder.path / "frontier.png", title="DAMI routers on the lambda frontier", marks=marks)
     if sensitivity is not None:
         files["sensitivity"] = write_atomic(folder.path / "sensitivity.json", json.dumps(sensitivity, indent=1) + "\n")
         files["sensitivity_plot"] = plot_sensitivity(sensitivity, points, folder.path / "sensitivity.png")
-    return {"results": results, "sensitivity": sensitivity, "files": files}
+    return {"results": results, "paired": tests, "sensitivity": sensitivity, "files": files}

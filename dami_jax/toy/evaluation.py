@@ -13,6 +13,7 @@ from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.prompts import Style, prompt_tokens, template_opens_think
 from dami_jax.toy.task import MAX_STEPS, ToyProblem, boxed_answer, boxed_response, completion, scratchpad, toy_benchmark, well_formed
 from dami_jax.toy.tokenizer import IM_END
+from dami_jax.toy.traces import TRACES, render, toy_steps
 
 
 def as_problem(p: ToyProblem) -> Problem:
@@ -69,7 +70,12 @@ def summarize_levels(results: Sequence[ToyResult]) -> dict[int, dict[str, float]
 
 
 def diagnostic_sequences(
-    tokenizer, n_per_level: int, seed: int = 0, levels: Sequence[int] = range(1, MAX_STEPS + 1), style: Style = "toy"
+    tokenizer,
+    n_per_level: int,
+    seed: int = 0,
+    levels: Sequence[int] = range(1, MAX_STEPS + 1),
+    style: Style = "toy",
+    trace: str = "worked",
 ) -> tuple[list[list[int]], list[list[bool]]]:
     """Teacher-forcing sequences for path diagnostics (loss along lam, representation continuity).
 
@@ -77,10 +83,17 @@ def diagnostic_sequences(
     template, followed by the reference completion for that template: the worked response if the
     template opens the think block (thinking template), else the direct answer; ``<|im_end|>``
     included. ``toy`` style is the toy pair's format (``Answer: N``); ``boxed`` is a chat model's
-    (:func:`dami_jax.toy.task.boxed_response`, what our SmolLM2 Thinking learned).
+    (:func:`dami_jax.toy.task.boxed_response`, what our SmolLM2 Thinking learned). ``trace``
+    (boxed style, thinking template): which :mod:`dami_jax.toy.traces` answer is the reference;
+    ``checked`` is what System 2 of the ``smollm2-systems`` pair learned (with no slip), so its
+    loss along the path is measured on its own format.
     Returns (token ids per sequence, mask per sequence: True where the token is a completion
     token, i.e. a target of the next-token loss).
     """
+    if trace not in TRACES:
+        raise ValueError(f"unknown trace {trace!r}; known: {', '.join(TRACES)}")
+    if style == "toy" and trace != "worked":
+        raise ValueError(f"the toy style has one reference format; trace {trace!r} needs the boxed style")
     opened = template_opens_think(tokenizer)
     sequences, masks = [], []
     for p in toy_benchmark(n_per_level, seed=seed, levels=levels):
@@ -88,7 +101,7 @@ def diagnostic_sequences(
         if style == "toy":
             reply = completion(p, think=opened, opened=opened)
         else:
-            reply = (boxed_response(scratchpad(p), p.answer) if opened else boxed_answer(p.answer)) + IM_END
+            reply = (render(trace, toy_steps(p)).text if opened else boxed_answer(p.answer)) + IM_END
         reply_ids = tokenizer.encode(reply, add_special_tokens=False)
         sequences.append(prompt + reply_ids)
         masks.append([False] * len(prompt) + [True] * len(reply_ids))

@@ -86,6 +86,11 @@ def test_the_pipeline_runs_on_a_real_pair_layout(capsys, pair_paths, swept, tmp_
     assert cli.main(argv) == 0
     methods = [entry["method"] for entry in json.loads((out / "summary.json").read_text())]
     assert methods == ["instruct", "fixed-0.5", "thinking", "oracle", "dami-pref", "dami-conf"]
+    tests = json.loads((out / "paired.json").read_text())  # each method against Thinking, on the same problems
+    assert [t["method"] for t in tests] == ["instruct", "fixed-0.5", "oracle", "dami-pref", "dami-conf"]
+    assert {t["reference"] for t in tests} == {"thinking"} and len({t["n"] for t in tests}) == 1
+    oracle = next(t for t in tests if t["method"] == "oracle")
+    assert oracle["only_reference"] == 0  # the oracle is right wherever Thinking is
     routed = JsonlLog(out / "routed.jsonl").records
     assert {r["method"] for r in routed} == {"dami-pref", "dami-conf"}
     conf = [r for r in routed if r["method"] == "dami-conf"]

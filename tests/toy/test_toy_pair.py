@@ -8,10 +8,11 @@ import pytest
 import dami_jax as dj
 from dami_jax.evals.grading import extract_answer
 from dami_jax.models.checkpoint import load_checkpoint
-from dami_jax.models.tokenizer import chat_tokens, load_tokenizer
+from dami_jax.models.tokenizer import THINK_CLOSE, chat_tokens, load_tokenizer
 from dami_jax.toy import evaluation, task
 from dami_jax.toy import tokenizer as toy_tokenizer
 from dami_jax.toy.pair import toy_pair_paths
+from dami_jax.toy.traces import render, toy_steps
 
 pytestmark = pytest.mark.xdist_group("toy_pair")  # one worker loads and compiles once
 
@@ -165,3 +166,21 @@ def test_diagnostic_sequences_mark_the_completion():
         expected = task.thinking_response(problem) if thinking else task.instruct_response(problem)
         assert reply == expected + toy_tokenizer.IM_END
         assert tok.decode([t for t, m in zip(seqs[-1], masks[-1]) if not m]) == toy_tokenizer.prompt_text(problem.question, thinking)
+
+
+def test_diagnostic_sequences_take_the_reference_trace():
+    """Boxed style under a template that opens the think block: ``trace`` picks the reference
+    (checked: System 2's steps then the check; worked, the default: the steps alone)."""
+    tok = toy_tokenizer.build_tokenizer(True)
+    problem = task.toy_benchmark(1, seed=0, levels=(3,))[0]
+    replies = {}
+    for trace in ("worked", "checked"):
+        seqs, masks = evaluation.diagnostic_sequences(tok, 1, seed=0, levels=(3,), style="boxed", trace=trace)
+        replies[trace] = tok.decode([t for t, m in zip(seqs[0], masks[0]) if m])
+    thought = render("checked", toy_steps(problem)).text.split(THINK_CLOSE)[0]  # the toy vocabulary has no backslash
+    assert replies["checked"].startswith(thought) and "Let me check each step." in thought
+    assert replies["worked"].startswith(task.scratchpad(problem) + THINK_CLOSE) and "Check" not in replies["worked"]
+    with pytest.raises(ValueError, match="unknown trace"):
+        evaluation.diagnostic_sequences(tok, 1, style="boxed", trace="long")
+    with pytest.raises(ValueError, match="boxed style"):
+        evaluation.diagnostic_sequences(tok, 1, style="toy", trace="checked")
