@@ -114,7 +114,10 @@ def test_generate_bad_inputs(capsys, tmp_path, monkeypatch):
     assert_user_error(*run(capsys, "generate", INSTRUCT, "a", "b", "--stream")[::2], "--stream")
     assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--top-p", "0.9")[::2], "--temperature")
     assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--top-k", "0")[::2], "--top-k", "positive integer")
-    assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--cache", "tailorkv-1")[::2], "dami-jax profile-layers")
+    unprofiled = tmp_path / "unprofiled"  # the toy pair ships its layer profiles; a folder without one is named
+    shutil.copytree(INSTRUCT, unprofiled)
+    (unprofiled / "layer_profile.json").unlink()
+    assert_user_error(*run(capsys, "generate", str(unprofiled), "hi", "--cache", "tailorkv-1")[::2], "dami-jax profile-layers")
     assert_user_error(*run(capsys, "generate", INSTRUCT, "hi", "--max-new-tokens", "5000")[::2], "--max-new-tokens", "512 positions")
     # A pinned model whose carrier package is not installed as pinned names the pip command.
     monkeypatch.setenv("DAMI_JAX_CACHE", str(tmp_path / "cache"))

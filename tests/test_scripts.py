@@ -123,3 +123,15 @@ def test_bench_http_bans_the_end_of_turn_on_both_servers():
     for body in (ours, theirs):
         assert body["max_tokens"] == 17 and body["temperature"] == 0.0 and body["stream"] is True
         assert body["messages"][0]["content"].startswith("What is 2+2?") and "\\boxed{}" in body["messages"][0]["content"]
+
+
+def test_bench_engine_kv_counts_what_tailorkv_keeps_off_the_device():
+    done = run(sys.executable, "scripts/bench_engine_kv.py", "--max-new-tokens", "64")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]  # after the header and its rule
+    assert len(rows) == 12  # 2 models x 2 contexts x 3 caches
+    for model, context, cache, device, host, ratio in ([c.strip() for c in row] for row in rows):
+        if cache == "dense":
+            assert host == "0" and ratio == "1.0x"
+        else:
+            assert float(ratio.split("x")[0]) > 10 and float(host) > float(device)

@@ -229,6 +229,40 @@ def add_sampling(parser: argparse.ArgumentParser, seed_help: str) -> None:
     parser.add_argument("--seed", type=nonnegative_int, metavar="N", default=0, help=seed_help)
 
 
+def pair_cache_config(name: str, pair):
+    """--cache for a pair: the dense cache, or a TailorKV preset with the pair's layer split
+    (:func:`~dami_jax.evals.calibration.pair_quantized_layers`: the union of both endpoints'
+    profiles, made on first use for the pinned pairs)."""
+    from dami_jax.decoding.cache import DenseCacheConfig
+    from dami_jax.evals.calibration import pair_quantized_layers
+
+    if CACHES[name] is None:
+        return DenseCacheConfig()
+    return preset_for(name, pair.cfg, pair_quantized_layers(pair.paths, pair.cfg.num_layers))
+
+
+def preset_for(name: str, cfg, quantized_layers: tuple[int, ...]):
+    """The TailorKV preset ``--cache name`` for a model: its split, and value groups of the
+    preset's 64 channels or the head size where that is smaller (the toy pair's 32)."""
+    import dataclasses
+
+    from dami_jax.tailorkv.cache import PRESETS
+
+    preset = PRESETS[CACHES[name]]
+    config = dataclasses.replace(preset, quantized_layers=quantized_layers, group=min(preset.group, cfg.head_dim))
+    try:
+        config.validate(cfg)
+    except ValueError as e:
+        raise UsageError(f"--cache {name}: {e}") from None
+    return config
+
+
+def add_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", choices=tuple(CACHES), default="dense",
+                        help="each slot's KV cache: dense, or TailorKV (1/2-bit quantized dense layers, prompts in host memory "
+                             "for the sparse ones; the layer split is the union of both endpoints' layer profiles)")  # fmt: skip
+
+
 def add_models(parser: argparse.ArgumentParser) -> None:
     """Which pair: a named one, or two folders."""
     parser.add_argument("--pair", choices=tuple(PAIRS), help="a named pair: " + "; ".join(f"{k} = {v}" for k, v in PAIRS.items()) + " (default: toy)")

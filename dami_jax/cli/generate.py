@@ -8,25 +8,16 @@ import time
 from pathlib import Path
 
 from dami_jax.cli.common import (
-    CACHES, DTYPES, MODEL_HELP, Command, UsageError, add_sampling, checkpoint_folder, dtype_of, positive_int, sampling_from,
+    CACHES, DTYPES, MODEL_HELP, Command, UsageError, add_sampling, checkpoint_folder, dtype_of, positive_int, preset_for, sampling_from,
 )
 
 def _cache_config(name: str, model: Path, cfg):
-    import dataclasses
-
     from dami_jax.decoding.cache import DenseCacheConfig
     from dami_jax.evals.calibration import quantized_layers_or_profile
-    from dami_jax.tailorkv.cache import PRESETS
 
     if CACHES[name] is None:
         return DenseCacheConfig()
-    layers = quantized_layers_or_profile(model, cfg.num_layers)
-    config = dataclasses.replace(PRESETS[CACHES[name]], quantized_layers=layers)
-    try:
-        config.validate(cfg)
-    except ValueError as e:
-        raise UsageError(f"--cache {name}: {e}") from None
-    return config
+    return preset_for(name, cfg, quantized_layers_or_profile(model, cfg.num_layers))
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from dami_jax.cli.common import (
-    TEMPLATES, Command, UsageError, add_models, check_pair_args, nonnegative_int, pair_from, pair_name, positive_float, positive_int,
+    TEMPLATES, Command, UsageError, add_cache, add_models, check_pair_args, nonnegative_int, pair_cache_config, pair_from, pair_name,
+    positive_float, positive_int,
 )
 
 PORTS = range(0, 65536)
@@ -96,7 +97,8 @@ def _serve(args: argparse.Namespace) -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     pair = pair_from(args)
     router, router_name = load_router(args.router, pair) if args.router else (None, None)
-    engine = Engine(pair, slots=args.slots, max_len=args.max_len, steps_per_call=args.steps_per_call)
+    engine = Engine(pair, slots=args.slots, max_len=args.max_len, steps_per_call=args.steps_per_call,
+                    cache=pair_cache_config(args.cache, pair), max_new_tokens=args.max_new_tokens)  # fmt: skip
     print(f"dami-jax: {engine.sizing.describe()}; compiling every shape it can run ...", file=sys.stderr, flush=True)
     warmup_s = engine.warmup()
     named = pair_name(args)
@@ -111,7 +113,8 @@ def _serve(args: argparse.Namespace) -> None:
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
                 print(f"dami-jax: serving {name} on http://{host}:{port}/v1 ({engine.slots} slots, "
-                      f"{engine.context} tokens per request, router: {router_name or 'none'}; compiled in {warmup_s:.1f} s)",
+                      f"{engine.context} tokens per request, {args.cache} cache, router: {router_name or 'none'}; "
+                      f"compiled in {warmup_s:.1f} s)",
                       flush=True)  # fmt: skip
 
     server = Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
@@ -138,6 +141,10 @@ def register(command: Command) -> None:
                        help="requests decoded together (default: 8, fewer if rows of 2048 tokens do not fit)")
     serve.add_argument("--max-len", type=positive_int, metavar="N",
                        help="prompt + answer tokens per request (default: what fits in the free memory, at most the model's)")
+    add_cache(serve)
+    serve.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+                       help="the most tokens a request may generate (default: what its context leaves); with TailorKV it "
+                            "sizes each slot's device store of generated tokens")  # fmt: skip
     serve.add_argument("--steps-per-call", type=positive_int, metavar="N", default=4, help="decode steps between looks at new requests")
     serve.add_argument("--max-queue", type=positive_int, metavar="N", default=64, help="waiting requests before 429")
     serve.add_argument("--drain-timeout", type=positive_float, metavar="S", default=30.0,

@@ -1,23 +1,25 @@
-"""The engine's dense cache backend: one row per slot, each at its own length, read only as far as
-it is live.
+"""The engine's per-slot cache backends: the protocol (:class:`SlotCache`), the views that prompt
+pieces and decode steps run through, and the dense backend (:class:`SlotKVCache`).
 
 Row s holds the request in slot s: its tokens at slots 0..length[s]-1 (no padding in front), so
 RoPE positions are slots. Handing a slot to the next request clears nothing (everything past the
 new length is invisible: attention is causal by slot), so freeing a row costs nothing.
 
-The engine reaches the cache through three views, each a :class:`dami_jax.models.model.KVCache`
-that the decoder runs on (the backend protocol, :class:`SlotCache`):
-- :meth:`SlotKVCache.packing` inserts rows: the first pieces of several prompts packed into one
+The engine reaches a backend through views, each a :class:`dami_jax.models.model.KVCache` that
+the decoder runs on:
+- :class:`PackedView` inserts rows: the first pieces of several prompts packed into one
   sequence, each token written into its own row (attention stays inside each prompt; nothing is
   read from the cache);
-- :meth:`SlotKVCache.continuing`: a later piece of one row's prompt, after its first ``offset``
-  tokens;
-- :meth:`SlotKVCache.decoding`: one new token for each of rows 0..R-1.
-A view writes only its real new tokens (a scatter; padding is dropped) and reads through
+- :class:`RowsView` (``continuing``): a later piece of one row's prompt, after its first
+  ``offset`` tokens; and, for the dense backend, ``decoding``: one new token for each of rows
+  0..R-1.
+Both views call the backend's ``write`` (only real new tokens: padding is dropped) and
+``row_attention``. The dense backend reads through
 :func:`~dami_jax.models.attention.live_attention` (the first ``window`` slots, then only the
 blocks that the longest live row reaches) or, for decode steps on a GPU, the Pallas kernel that
 loads each row's live blocks only. So a step costs what its rows hold, not what the engine was
-sized for.
+sized for. The TailorKV backend (:mod:`~dami_jax.engine.tailorkv_slots`) shares the prefill views
+and decodes through its own rows.
 """
 
 from __future__ import annotations
@@ -82,9 +84,12 @@ class RowLayout:
 
 
 class SlotCache(Protocol):
-    """What the engine needs from a per-slot cache backend (:class:`SlotKVCache` is the dense one).
-    Every method returns a new cache or a view (a :class:`~dami_jax.models.model.KVCache` the
-    decoder runs on, whose ``cache`` field is the updated backend after the run)."""
+    """What the engine needs from a per-slot cache backend (:class:`SlotKVCache` is the dense one;
+    :class:`~dami_jax.engine.tailorkv_slots.SlotTailorKVCache` the TailorKV one). Every method
+    returns a new cache or a view (a :class:`~dami_jax.models.model.KVCache` the decoder runs on,
+    whose ``cache`` field is the updated backend after the run). Prompt pieces reach a backend
+    through the shared views (:class:`PackedView`, :class:`RowsView`), which call its ``write``,
+    ``row_attention`` and ``with_length``."""
 
     length: jax.Array  # int32 [slots]: tokens held per row
 
@@ -95,9 +100,27 @@ class SlotCache(Protocol):
     def continuing(self, row: jax.Array, offset: jax.Array, real: jax.Array, width: int) -> KVCache:
         """A piece of ``width`` tokens (``real`` of them real) of one row, after ``offset`` tokens."""
 
+    def started(self, rows: jax.Array) -> "SlotCache":
+        """Rows int32 [n] whose prompts are now complete (a row past the last: none) get what
+        decoding them needs."""
+
+    def narrow(self, rows: int) -> "SlotCache":
+        """The cache a decode call of rows 0..rows-1 runs on; :meth:`widen` puts it back."""
+
+    def widen(self, narrowed: "SlotCache") -> "SlotCache":
+        """This cache after a decode call that ran on ``narrowed``."""
+
     def decoding(self, rows: int, active: jax.Array) -> KVCache:
-        """One token for each of rows 0..rows-1; rows where ``active`` [rows] is False neither write
-        nor advance (their outputs are meaningless)."""
+        """One token for each of rows 0..rows-1 (of a narrowed cache); rows where ``active``
+        [rows] is False neither advance nor count as live (their outputs are meaningless)."""
+
+
+def continuing_view(cache, row: jax.Array, offset: jax.Array, real: jax.Array, width: int) -> "RowsView":
+    """A later prompt piece of one row, for any backend: queries at slots offset.., padding
+    queries on the last real slot (their tokens are not written)."""
+    steps = jnp.arange(width)
+    slots = offset + jnp.minimum(steps, real - 1)
+    return RowsView(cache, jnp.asarray(row, jnp.int32), slots[None], (steps < real)[None])
 
 
 @flax.struct.dataclass
@@ -141,13 +164,32 @@ class SlotKVCache:
         return self.replace(k=replace_layer(self.k, layer, put(self.k[layer], k)),
                             v=replace_layer(self.v, layer, put(self.v[layer], v)))  # fmt: skip
 
+    def with_length(self, length: jax.Array) -> "SlotKVCache":
+        return self.replace(length=length)
+
+    def row_attention(self, layer: int, q: jax.Array, first_row: jax.Array, query_slots: jax.Array, written: jax.Array,
+                      decoding: bool) -> jax.Array:  # fmt: skip
+        """Rows first_row..'s queries q [R, T, Hq, hd] (at query_slots [R, T]) over their rows' live
+        slots; a decode step on the Pallas kernel where chosen (an idle row reads nothing)."""
+        if decoding and self.kernel == "pallas":
+            lengths = jnp.where(written, query_slots + 1, 0)[:, 0]
+            return decode_attention(q, self.k[layer], self.v[layer], lengths, interpret=jax.default_backend() == "cpu")
+        return live_attention(q, self.k[layer], self.v[layer], first_row, query_slots, window=self.window, block=self.block)
+
     def packing(self, slot: jax.Array, position: jax.Array, segment: jax.Array) -> "PackedView":
         return PackedView(self, slot, position, segment)
 
     def continuing(self, row: jax.Array, offset: jax.Array, real: jax.Array, width: int) -> "RowsView":
-        steps = jnp.arange(width)
-        slots = offset + jnp.minimum(steps, real - 1)  # padding queries sit on the last real slot
-        return RowsView(self, jnp.asarray(row, jnp.int32), slots[None], (steps < real)[None])
+        return continuing_view(self, row, offset, real, width)
+
+    def started(self, rows: jax.Array) -> "SlotKVCache":
+        return self  # a dense row decodes from the slots its prompt was written to
+
+    def narrow(self, rows: int) -> "SlotKVCache":
+        return self  # decode steps read rows 0..rows-1 in place (RowsView)
+
+    def widen(self, narrowed: "SlotKVCache") -> "SlotKVCache":
+        return narrowed
 
     def decoding(self, rows: int, active: jax.Array) -> "RowsView":
         # An idle row queries slot 0 only, so that its stale length never widens the read.
@@ -157,9 +199,9 @@ class SlotKVCache:
 
 @flax.struct.dataclass
 class RowsView:
-    """Rows first_row..first_row+R-1 of a :class:`SlotKVCache`, T new tokens each."""
+    """Rows first_row..first_row+R-1 of a backend, T new tokens each."""
 
-    cache: SlotKVCache
+    cache: SlotCache
     first_row: jax.Array  # int32 []
     slots: jax.Array  # int32 [R, T]: each new token's slot in its row (its RoPE position)
     written: jax.Array  # bool [R, T]: the token is real (written, counted in the row's length)
@@ -174,26 +216,20 @@ class RowsView:
     def attend(self, layer: int, q, k, v, next_query=None) -> tuple[jax.Array, "RowsView"]:
         rows = self.first_row + jnp.arange(self.slots.shape[0])[:, None]
         cache = self.cache.write(layer, k, v, jnp.where(self.written, rows, self.cache.slots), self.slots)
-        if self.decoding and cache.kernel == "pallas":  # rows 0..R-1, one query each; an idle row reads nothing
-            lengths = jnp.where(self.written, self.slots + 1, 0)[:, 0]
-            out = decode_attention(q, cache.k[layer], cache.v[layer], lengths, interpret=jax.default_backend() == "cpu")
-        else:
-            out = live_attention(q, cache.k[layer], cache.v[layer], self.first_row, self.slots,
-                                 window=cache.window, block=cache.block)  # fmt: skip
+        out = cache.row_attention(layer, q, self.first_row, self.slots, self.written, self.decoding)
         return out, self.replace(cache=cache)
 
     def advance(self, num_tokens: int) -> "RowsView":
         rows = self.first_row + jnp.arange(self.slots.shape[0])
         grown = jnp.max(jnp.where(self.written, self.slots + 1, 0), axis=1)
-        length = self.cache.length.at[rows].max(grown)
-        return self.replace(cache=self.cache.replace(length=length))
+        return self.replace(cache=self.cache.with_length(self.cache.length.at[rows].max(grown)))
 
 
 @flax.struct.dataclass
 class PackedView:
     """First prompt pieces packed into one sequence of P tokens, each going into its own row."""
 
-    cache: SlotKVCache
+    cache: SlotCache
     slot: jax.Array  # int32 [P]: the token's row; past the last row for padding (dropped)
     position: jax.Array  # int32 [P]: its slot in that row (its RoPE position)
     segment: jax.Array  # int32 [P]: which prompt of the pack it belongs to
@@ -213,4 +249,4 @@ class PackedView:
     def advance(self, num_tokens: int) -> "PackedView":
         # A new row's length is its piece's: reset, then the largest position + 1 (duplicate-safe).
         length = self.cache.length.at[self.slot].set(0, mode="drop").at[self.slot].max(self.position + 1, mode="drop")
-        return self.replace(cache=self.cache.replace(length=length))
+        return self.replace(cache=self.cache.with_length(length))

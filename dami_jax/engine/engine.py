@@ -49,8 +49,10 @@ from dami_jax.engine.memory import size_engine
 from dami_jax.engine.requests import RequestLimits, Result, TokenEvent
 from dami_jax.engine.runtime import EngineStats, Pending, Runtime
 from dami_jax.engine.scheduler import ADMISSIONS, MIN_PACK, Scheduler
+from dami_jax.engine.tailorkv_slots import tailorkv_slot_bytes
 from dami_jax.errors import InputError
 from dami_jax.models.params import Params
+from dami_jax.tailorkv.cache import TailorKVConfig
 
 __all__ = ["Engine", "EngineStats", "Result", "TokenEvent"]
 
@@ -77,7 +79,13 @@ class Engine:
     ``max_stop_tokens``: stop ids a request may give.
     ``profile``: wait for the device after each call, so that ``stats.prefill_s`` and
     ``stats.decode_s`` split the time (otherwise they stay 0).
-    ``cache``: the engine runs on its own per-slot dense cache; a TailorKV cache is refused.
+    ``cache``: ``dj.DenseCacheConfig()`` (each slot a full-precision row) or a ``dj.TailorKVConfig``
+    (each slot a TailorKV row, :mod:`~dami_jax.engine.tailorkv_slots`: 1/2-bit KV in the quantized
+    layers, prompts in host memory for the sparse ones; its ``quantized_layers`` should be the
+    model's layer profile, as for ``dj.generate``).
+    ``max_new_tokens``: the most tokens a request may generate (default: all its context leaves);
+    with TailorKV it sizes each slot's device store of generated tokens, so set it when prompts
+    are long and answers short.
     ``layout``: how the XLA path reads a row (:class:`~dami_jax.engine.cache.RowLayout`);
     ``kernel``: what computes a decode step's attention (:func:`~dami_jax.engine.cache.resolve_kernel`:
     ``"auto"`` is the Pallas kernel on a GPU, XLA elsewhere).
@@ -97,17 +105,18 @@ class Engine:
         extrapolate: bool = False,
         profile: bool = False,
         cache: CacheConfig = DenseCacheConfig(),
+        max_new_tokens: int | None = None,
         layout: RowLayout = RowLayout(),
         kernel: str = "auto",
     ):
-        if not isinstance(cache, DenseCacheConfig):
-            raise InputError(
-                f"cache: the engine needs a cache whose rows each keep their own length (a slot is refilled "
-                f"while the others decode); {type(cache).__name__} keeps one length for the whole batch (its "
-                "quantized windows flush together), so it cannot take per-slot requests: use "
-                "dj.generate(..., cache=...) for a static batch on it"
-            )  # fmt: skip
-        given = {"slots": (slots, 1), "max_len": (max_len, 2)}
+        if not isinstance(cache, (DenseCacheConfig, TailorKVConfig)):
+            raise InputError(f"cache: the engine takes dj.DenseCacheConfig() or a dj.TailorKVConfig, got {type(cache).__name__}")
+        if isinstance(cache, TailorKVConfig):
+            try:
+                cache.validate(pair.cfg)
+            except ValueError as error:
+                raise InputError(f"cache: {error}") from None
+        given = {"slots": (slots, 1), "max_len": (max_len, 2), "max_new_tokens": (max_new_tokens, 1)}
         for name, (value, low) in {**given, "steps_per_call": (steps_per_call, 1), "prefill_chunk": (prefill_chunk, MIN_PACK),
                                    "max_stop_tokens": (max_stop_tokens, 1), "theta_cache": (theta_cache, 0)}.items():  # fmt: skip
             if (value is not None or name not in given) and (not isinstance(value, int) or value < low):
@@ -122,17 +131,38 @@ class Engine:
             raise InputError(f"kernel: {error}") from None
         cfg = pair.cfg
         itemsize = jax.tree.leaves(pair.instruct)[0].dtype.itemsize
-        self.sizing = size_engine(cfg, itemsize, theta_cache * tree_bytes(pair.instruct), slots, max_len, layout)
-        self.pair, self.cfg, self.slots = pair, cfg, self.sizing.slots
+        dtype = jax.tree.leaves(pair.instruct)[0].dtype
+        slot_bytes = tailorkv_slot_bytes(cfg, cache, max_new_tokens, dtype) if isinstance(cache, TailorKVConfig) else None
+        self.sizing = size_engine(cfg, itemsize, theta_cache * tree_bytes(pair.instruct), slots, max_len, layout,
+                                  slot_bytes=slot_bytes)  # fmt: skip
+        self.pair, self.cfg, self.slots, self.cache = pair, cfg, self.sizing.slots, cache
         self.context = min(self.sizing.max_len, cfg.max_position_embeddings)  # prompt + generated tokens per request
-        self.limits = RequestLimits(cfg, self.context, max_stop_tokens, extrapolate)
+        if max_new_tokens is not None and max_new_tokens >= self.context:
+            raise InputError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in the engine's context of "
+                             f"{self.context} tokens per request")  # fmt: skip
+        if isinstance(cache, TailorKVConfig) and cache.budget >= self.context:
+            raise InputError(f"cache: TailorKV's budget of {cache.budget} tokens (sink + recent + top-k) is not below the "
+                             f"engine's context of {self.context} tokens per request, so no prompt could be read "
+                             "sparsely: lower the budget, raise max_len, or use the dense cache")  # fmt: skip
+        self.limits = RequestLimits(cfg, self.context, max_stop_tokens, extrapolate, max_new_tokens)
         self.scheduler = Scheduler(self.slots, prefill_chunk=prefill_chunk, steps_per_call=steps_per_call, admission=admission)
         self.runtime = Runtime(pair, slots=self.slots, max_len=self.context, steps_per_call=steps_per_call,
                                prefill_chunk=prefill_chunk, max_stop_tokens=max_stop_tokens, theta_cache=theta_cache,
-                               extrapolate=extrapolate, layout=layout, kernel=kernel, profile=profile)  # fmt: skip
+                               extrapolate=extrapolate, layout=layout, kernel=kernel, cache=cache,
+                               max_new_tokens=max_new_tokens, profile=profile)  # fmt: skip
         self._in_flight: list[Pending] = []
         self._ids = itertools.count()
         self._born = time.perf_counter()
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens one request may generate."""
+        return self.limits.max_new_tokens or self.context - 1
+
+    @property
+    def kv_bytes_per_slot(self) -> tuple[int, int]:
+        """(device, host) bytes of KV cache one slot holds."""
+        return self.sizing.kv_bytes // self.slots, self.sizing.host_bytes // self.slots
 
     @property
     def stats(self) -> EngineStats:

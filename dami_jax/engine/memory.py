@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable
 
 import jax
 
@@ -59,31 +60,56 @@ class Sizing:
 
     slots: int
     max_len: int
-    kv_bytes: int
+    kv_bytes: int  # on the device
     budget: int  # what the KV cache may take
     free: int
     where: str
+    host_bytes: int = 0  # in host memory (TailorKV's prompt stores)
 
     def describe(self) -> str:
-        return (f"{self.slots} slots x {self.max_len} tokens: {gigabytes(self.kv_bytes)} of KV cache "
+        host = f" + {gigabytes(self.host_bytes)} in host memory" if self.host_bytes else ""
+        return (f"{self.slots} slots x {self.max_len} tokens: {gigabytes(self.kv_bytes)} of KV cache{host} "
                 f"({gigabytes(self.budget)} may go to it, {gigabytes(self.free)} of {self.where} free)")  # fmt: skip
+
+
+SlotBytes = Callable[[int], tuple[int, int]]  # max_len -> (device bytes, host bytes) one slot takes
+
+
+def dense_slot_bytes(cfg: ModelConfig, itemsize: int, layout: RowLayout = RowLayout()) -> SlotBytes:
+    """A dense slot: K and V of every layer for each slot of its row."""
+    per_token = kv_bytes_per_token(cfg, itemsize)
+    return lambda max_len: (layout.capacity(max_len) * per_token, 0)
 
 
 def size_engine(
     cfg: ModelConfig, itemsize: int, theta_bytes: int, slots: int | None, max_len: int | None,
     layout: RowLayout = RowLayout(), most_slots: int = DEFAULT_SLOTS, free: tuple[int, str] | None = None,
+    slot_bytes: SlotBytes | None = None,
 ) -> Sizing:  # fmt: skip
     """Fill in what is not given (``slots``: ``most_slots``, fewer when that many rows of
     ``max_len`` tokens, or of ``MIN_CONTEXT`` when ``max_len`` is not given either, do not fit;
     ``max_len``: what fits, at most the model's context), and refuse a configuration that does
     not fit with :class:`InputError` naming the numbers. ``theta_bytes``: the interpolated thetas
-    the engine may keep."""
+    the engine may keep. ``slot_bytes``: what one slot takes (default: a dense row); where the
+    device has memory of its own, host bytes are checked against the host's available memory."""
     free_bytes, where = free or free_memory()
     budget = int(KV_SHARE * (free_bytes - theta_bytes))
-    per_token = kv_bytes_per_token(cfg, itemsize)
+    shared = where == "host memory"  # a CPU: the device's memory is the host's
+    host_budget = budget if shared else int(KV_SHARE * host_available())
+    cost = slot_bytes or dense_slot_bytes(cfg, itemsize, layout)
 
-    def fitting_len(n: int) -> int:
-        return min(cfg.max_position_embeddings, layout.longest_within(max(0, budget) // (n * per_token)))
+    def fits(n: int, length: int) -> bool:
+        device, host = cost(length)
+        if shared:
+            return n * (device + host) <= budget
+        return n * device <= budget and n * host <= host_budget
+
+    def fitting_len(n: int) -> int:  # the longest row that n slots can have (costs grow with length)
+        low, high = 0, cfg.max_position_embeddings
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(n, middle) else (low, middle - 1)
+        return low
 
     if max_len is None:
         if slots is None:
@@ -92,13 +118,14 @@ def size_engine(
                 slots //= 2
         max_len = fitting_len(slots)
     elif slots is None:
-        slots = max(1, min(most_slots, max(0, budget) // (layout.capacity(max_len) * per_token)))
-    kv = slots * layout.capacity(max(1, max_len)) * per_token
-    if max_len < 2 or kv > budget:
+        slots = max([1] + [n for n in range(1, most_slots + 1) if fits(n, max_len)])
+    device, host = cost(max(1, max_len))
+    if max_len < 2 or not fits(slots, max_len):
+        host_part = f" and {gigabytes(slots * host)} of host memory" if host else ""
         raise InputError(
-            f"slots={slots} x max_len={max_len}: the KV cache needs {gigabytes(kv)} "
-            f"({gigabytes(kv / slots)} per slot), more than the {gigabytes(max(0, budget))} it may take "
+            f"slots={slots} x max_len={max_len}: the KV cache needs {gigabytes(slots * device)}{host_part} "
+            f"({gigabytes(device + host)} per slot), more than the {gigabytes(max(0, budget))} it may take "
             f"({KV_SHARE:.0%} of the {gigabytes(free_bytes)} of {where} free, less {gigabytes(theta_bytes)} "
             "for interpolated thetas): lower max_len or slots"
         )
-    return Sizing(slots, max_len, kv, budget, free_bytes, where)
+    return Sizing(slots, max_len, slots * device, budget, free_bytes, where, slots * host)

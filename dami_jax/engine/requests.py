@@ -80,6 +80,7 @@ class RequestLimits:
     context: int  # prompt + generated tokens per request
     max_stop_tokens: int
     extrapolate: bool = False
+    max_new_tokens: int | None = None  # the most a request may generate (TailorKV: the device store of generated tokens)
 
     def check(self, request_id: int, prompt, lam, max_new_tokens, sampling, key, stop_tokens) -> Request:
         """A :class:`Request`, or :class:`InputError` naming the argument at fault."""
@@ -98,6 +99,9 @@ class RequestLimits:
         if len(prompt) + max_new_tokens > self.context:
             raise InputError(f"max_new_tokens: the prompt's {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceed "
                              f"the engine's context of {self.context} tokens per request")  # fmt: skip
+        if self.max_new_tokens is not None and max_new_tokens > self.max_new_tokens:
+            raise InputError(f"max_new_tokens: {max_new_tokens} is more than the engine's max_new_tokens={self.max_new_tokens} "
+                             "(its TailorKV cache keeps that many generated tokens per slot on the device)")  # fmt: skip
         try:
             lam = float(lam)
         except (TypeError, ValueError):

@@ -17,11 +17,14 @@ import numpy as np
 
 from dami_jax.dami.pair import ModelPair
 from dami_jax.decoding.sampling import GREEDY, NO_TOP_K
+from dami_jax.decoding.cache import CacheConfig
 from dami_jax.engine.cache import RowLayout, SlotKVCache
 from dami_jax.engine.requests import Request
 from dami_jax.engine.scheduler import DecodePlan, PackPlan, PiecePlan, Plan, Running
 from dami_jax.engine.steps import Pack, Piece, Settings, SlotState, Starts, decode, prefill
+from dami_jax.engine.tailorkv_slots import SlotTailorKVCache
 from dami_jax.engine.thetas import ThetaCache
+from dami_jax.tailorkv.cache import TailorKVConfig
 
 NO_STOP = -1
 
@@ -90,11 +93,15 @@ class Runtime:
 
     def __init__(self, pair: ModelPair, *, slots: int, max_len: int, steps_per_call: int, prefill_chunk: int,
                  max_stop_tokens: int, theta_cache: int, extrapolate: bool, layout: RowLayout, kernel: str = "xla",
-                 profile: bool = False):  # fmt: skip
+                 cache: CacheConfig | None = None, max_new_tokens: int | None = None, profile: bool = False):  # fmt: skip
         self.pair, self.cfg, self.profile = pair, pair.cfg, profile
         self.steps_per_call, self.prefill_chunk, self.stop_width = steps_per_call, prefill_chunk, max_stop_tokens
         dtype = jax.tree.leaves(pair.instruct)[0].dtype
-        self.state = SlotState.create(SlotKVCache.create(pair.cfg, slots, max_len, dtype, layout, kernel), max_stop_tokens)
+        if isinstance(cache, TailorKVConfig):
+            rows = SlotTailorKVCache.create(pair.cfg, cache, slots, max_len, max_new_tokens or max_len - 1, dtype)
+        else:
+            rows = SlotKVCache.create(pair.cfg, slots, max_len, dtype, layout, kernel)
+        self.state = SlotState.create(rows, max_stop_tokens)
         self.thetas = ThetaCache(pair, theta_cache, extrapolate)
         self.stats = EngineStats(slots)
 

@@ -17,7 +17,9 @@ from dami_jax.decoding.sampling import GREEDY, Sampling
 from dami_jax.engine.cache import RowLayout
 from dami_jax.engine.engine import THETA_CACHE, Engine, tree_bytes
 from dami_jax.engine.memory import size_engine
+from dami_jax.engine.tailorkv_slots import tailorkv_slot_bytes
 from dami_jax.errors import InputError
+from dami_jax.tailorkv.cache import TailorKVConfig
 
 MAX_DEFAULT_SLOTS = 64  # dj.serve's default slot count never exceeds this (nor the number of prompts, nor what fits)
 
@@ -43,7 +45,9 @@ def serve(
 
     ``max_new_tokens``: one budget, or one per prompt. ``key``: one PRNG key, split into one per
     prompt, or one per prompt [B]; either way a row's tokens depend on its own key only.
-    ``stop_tokens``: shared or per prompt (default: the pair's EOS ids). ``slots``: default one
+    ``stop_tokens``: shared or per prompt (default: the pair's EOS ids). ``cache``: dense or a
+    ``dj.TailorKVConfig`` (each slot a TailorKV row; its store of generated tokens holds the
+    largest budget). ``slots``: default one
     per prompt, at most ``MAX_DEFAULT_SLOTS`` and what fits in memory
     (:func:`~dami_jax.engine.memory.size_engine`). ``engine_options``: the engine's other settings (``steps_per_call``,
     ``theta_cache``, ...); ``admission`` defaults to ``"lambda"`` here (every prompt is known up
@@ -59,11 +63,16 @@ def serve(
     keys = row_keys(key, sampling, count)
     max_len = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET + max(int(b) for b in budgets)
     max_len = min(max_len, pair.cfg.max_position_embeddings)
+    tailorkv = isinstance(cache, TailorKVConfig)
+    if tailorkv:  # the slots' device stores of generated tokens hold the largest budget
+        engine_options.setdefault("max_new_tokens", max(int(b) for b in budgets))
     if slots is None:
-        itemsize = jax.tree.leaves(pair.instruct)[0].dtype.itemsize
+        dtype = jax.tree.leaves(pair.instruct)[0].dtype
         thetas = engine_options.get("theta_cache", THETA_CACHE) * tree_bytes(pair.instruct)
         layout = engine_options.get("layout", RowLayout())
-        slots = size_engine(pair.cfg, itemsize, thetas, None, max_len, layout, most_slots=min(count, MAX_DEFAULT_SLOTS)).slots
+        slot_bytes = tailorkv_slot_bytes(pair.cfg, cache, engine_options["max_new_tokens"], dtype) if tailorkv else None
+        slots = size_engine(pair.cfg, dtype.itemsize, thetas, None, max_len, layout, most_slots=min(count, MAX_DEFAULT_SLOTS),
+                            slot_bytes=slot_bytes).slots  # fmt: skip
     engine_options.setdefault("admission", "lambda")
     engine = Engine(pair, slots=slots, max_len=max_len, extrapolate=extrapolate, cache=cache, **engine_options)
     for i, prompt in enumerate(prompts):

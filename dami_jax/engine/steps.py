@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from dami_jax.decoding.generation import decode_step
 from dami_jax.decoding.sampling import sample_rows, split_key
-from dami_jax.engine.cache import PackedView, RowsView, SlotKVCache
+from dami_jax.engine.cache import PackedView, RowsView, SlotCache
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.model import decoder, lm_logits
 from dami_jax.models.params import Params
@@ -59,14 +59,14 @@ class Settings:
 class SlotState:
     """Every slot's request, as arrays over the slots."""
 
-    cache: SlotKVCache
+    cache: SlotCache  # SlotKVCache or SlotTailorKVCache
     settings: Settings  # [slots]
     token: jax.Array  # int32 [slots]: the slot's newest token, the next step's input
     generated: jax.Array  # int32 [slots]: tokens generated so far
     active: jax.Array  # bool [slots]: the slot is decoding
 
     @classmethod
-    def create(cls, cache: SlotKVCache, stop_width: int) -> "SlotState":
+    def create(cls, cache: SlotCache, stop_width: int) -> "SlotState":
         slots = cache.slots
         return cls(cache=cache, settings=Settings.idle(slots, stop_width), token=jnp.zeros((slots,), jnp.int32),
                    generated=jnp.zeros((slots,), jnp.int32), active=jnp.zeros((slots,), bool))  # fmt: skip
@@ -81,7 +81,7 @@ class Pack:
     position: jax.Array  # int32 [P]: its place in its prompt
     segment: jax.Array  # int32 [P]: which prompt of the pack it belongs to
 
-    def view(self, cache: SlotKVCache) -> PackedView:
+    def view(self, cache: SlotCache) -> PackedView:
         return cache.packing(self.slot, self.position, self.segment)
 
 
@@ -94,7 +94,7 @@ class Piece:
     offset: jax.Array  # int32 []: prompt tokens already in the row
     real: jax.Array  # int32 []
 
-    def view(self, cache: SlotKVCache) -> RowsView:
+    def view(self, cache: SlotCache) -> RowsView:
         return cache.continuing(self.row, self.offset, self.real, self.tokens.shape[0])
 
 
@@ -131,12 +131,13 @@ def prefill(params: Params, state: SlotState, piece: Pack | Piece, starts: Start
     key, token, logprob = _pick(lm_logits(params, hidden[0, starts.last]), starts.settings)
     ones = jnp.ones_like(token)
     starting = jnp.where(starts.starts, starts.slot, state.token.shape[0])  # the others are dropped
+    cache = view.cache.started(starting)
 
     def put(current: jax.Array, value: jax.Array) -> jax.Array:
         return current.at[starting].set(value, mode="drop")
 
     settings = jax.tree.map(put, state.settings, starts.settings.replace(key_data=key))
-    state = state.replace(cache=view.cache, settings=settings, token=put(state.token, token),
+    state = state.replace(cache=cache, settings=settings, token=put(state.token, token),
                           generated=put(state.generated, ones),
                           active=put(state.active, ~_stopped(token, ones, starts.settings)))  # fmt: skip
     return state, token, logprob
@@ -167,14 +168,14 @@ def decode(params: Params, mix_with: Params | None, state: SlotState, live: jax.
         token = jnp.where(active, new, token)
         return i + 1, view.cache, token, keys, generated, active & ~_stopped(new, generated, settings), outputs
 
-    carry = (jnp.zeros((), jnp.int32), state.cache, state.token[:rows], settings.key_data, state.generated[:rows],
+    carry = (jnp.zeros((), jnp.int32), state.cache.narrow(rows), state.token[:rows], settings.key_data, state.generated[:rows],
              active_all[:rows], outputs)  # fmt: skip
     _, cache, token, keys, generated, active, outputs = jax.lax.while_loop(lambda c: c[0] < steps, step, carry)
 
     def head(full: jax.Array, part: jax.Array) -> jax.Array:
         return full.at[:rows].set(part)
 
-    state = state.replace(cache=cache, token=head(state.token, token), generated=head(state.generated, generated),
+    state = state.replace(cache=state.cache.widen(cache), token=head(state.token, token), generated=head(state.generated, generated),
                           active=head(active_all, active),
                           settings=state.settings.replace(key_data=head(state.settings.key_data, keys)))  # fmt: skip
     return state, *outputs

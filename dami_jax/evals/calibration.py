@@ -121,3 +121,12 @@ def quantized_layers_or_profile(path: str | Path, num_layers: int) -> tuple[int,
                   f"{positions} calibration tokens, minutes on a CPU)", file=sys.stderr, flush=True)  # fmt: skip
             profile_checkpoint(folder).save(folder / PROFILE_FILE)
     return quantized_layers_for(folder, num_layers)
+
+
+def pair_quantized_layers(paths: dict[str, str], num_layers: int) -> tuple[int, ...]:
+    """TailorKV's quantized (dense-attention) layers for a model pair: the layers either endpoint's
+    profile (:func:`quantized_layers_or_profile`) calls dense. Every theta(lambda) mixes both
+    endpoints' attention, so a layer that needs dense attention at one end is kept dense all
+    along the path: the union costs a few more low-bit layers, never a sparse layer where an
+    endpoint needs the whole context. Computed once per pair, for every lambda it serves."""
+    return tuple(sorted(set().union(*(quantized_layers_or_profile(paths[end], num_layers) for end in ("instruct", "thinking")))))

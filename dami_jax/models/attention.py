@@ -63,45 +63,59 @@ def live_attention(
 
     q [R, T, Hq, hd] belongs to rows ``first_row``..``first_row`` + R - 1 (int32 []) of k, v
     [N, Hkv, S, hd]; query_slots int32 [R, T] is each query's own slot, and it sees slots 0 through
-    it. The first ``window`` slots are read as one static slice; the slots past it, in blocks of
+    it. See :func:`attention_over_reads` for how the rows are read.
+    """
+    r, hkv, hd = q.shape[0], k.shape[1], k.shape[3]
+
+    def read(start, size: int) -> tuple[jax.Array, jax.Array]:
+        at = [jnp.asarray(i, jnp.int32) for i in (first_row, 0, start, 0)]
+        return tuple(jax.lax.dynamic_slice(x, at, (r, hkv, size, hd)) for x in (k, v))
+
+    return attention_over_reads(q, read, query_slots, capacity=k.shape[2], window=window, block=block)
+
+
+def attention_over_reads(
+    q: jax.Array, read, query_slots: jax.Array, *, capacity: int, window: int, block: int
+) -> jax.Array:
+    """:func:`live_attention` over rows that ``read(start, size)`` -> (k, v [R, Hkv, size, hd])
+    fetches (from device memory, or from host memory for TailorKV's prompt stores).
+
+    The first ``window`` slots are read as one static slice; the slots past it, in blocks of
     ``block`` under a loop whose trip count is data (the blocks that the largest query slot
-    reaches), so one compilation serves every length. S - window must be a multiple of ``block``
-    (no block may overrun the cache). The parts meet in an online softmax (flash decoding):
-    scores and sums float32, the result float32 [R, T, Hq, hd].
+    reaches), so one compilation serves every length. ``capacity`` - window must be a multiple of
+    ``block`` (no block may overrun the rows). The parts meet in an online softmax (flash
+    decoding): scores and sums float32, the result float32 [R, T, Hq, hd].
     """
     r, t, hq, hd = q.shape
-    hkv = k.shape[1]
-    if (k.shape[2] - window) % block or window > k.shape[2]:
-        raise ValueError(f"live_attention: capacity {k.shape[2]} must be window {window} + a multiple of block {block}")
-    rows = fold_queries(q, hkv, k.dtype)
+    if (capacity - window) % block or window > capacity:
+        raise ValueError(f"live_attention: capacity {capacity} must be window {window} + a multiple of block {block}")
 
-    def read(cache: jax.Array, start, size: int) -> jax.Array:
-        at = [jnp.asarray(i, jnp.int32) for i in (first_row, 0, start, 0)]
-        return jax.lax.dynamic_slice(cache, at, (r, hkv, size, hd))
-
-    def scores(start, size: int) -> jax.Array:  # [R, Hkv, G*T, size]
-        s = jnp.einsum("bhrd,bhsd->bhrs", rows, read(k, start, size), preferred_element_type=jnp.float32) * hd**-0.5
+    def scores(keys: jax.Array, start) -> jax.Array:  # [R, Hkv, G*T, size]
+        hkv, size = keys.shape[1], keys.shape[2]
+        s = jnp.einsum("bhrd,bhsd->bhrs", fold_queries(q, hkv, keys.dtype), keys, preferred_element_type=jnp.float32) * hd**-0.5
         visible = start + jnp.arange(size)[None, None, :] <= query_slots[:, :, None]  # [R, T, size]
         return jnp.where(visible[:, None, None], s.reshape(r, hkv, hq // hkv, t, size), MASKED_SCORE).reshape(s.shape)
 
-    def weighted_values(p: jax.Array, start, size: int) -> jax.Array:
-        return jnp.einsum("bhrs,bhsd->bhrd", p.astype(v.dtype), read(v, start, size), preferred_element_type=jnp.float32)
+    def weighted_values(p: jax.Array, values: jax.Array) -> jax.Array:
+        return jnp.einsum("bhrs,bhsd->bhrd", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
 
-    s = scores(0, window)  # slot 0 is visible to every query: the running max is a real score
+    keys, values = read(0, window)
+    s = scores(keys, 0)  # slot 0 is visible to every query: the running max is a real score
     m = s.max(axis=-1)
     p = jnp.exp(s - m[..., None])
 
     def add_block(i, carry):
         m, total, out = carry
         start = window + i * block
-        s = scores(start, block)
+        keys, values = read(start, block)
+        s = scores(keys, start)
         m_new = jnp.maximum(m, s.max(axis=-1))
         scale = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        return m_new, total * scale + p.sum(axis=-1), out * scale[..., None] + weighted_values(p, start, block)
+        return m_new, total * scale + p.sum(axis=-1), out * scale[..., None] + weighted_values(p, values)
 
-    carry = (m, p.sum(axis=-1), weighted_values(p, 0, window))
-    if window < k.shape[2]:
+    carry = (m, p.sum(axis=-1), weighted_values(p, values))
+    if window < capacity:
         blocks = jnp.maximum(0, jnp.max(query_slots) + 1 - window + block - 1) // block
         carry = jax.lax.fori_loop(0, blocks, add_block, carry)
     _, total, out = carry

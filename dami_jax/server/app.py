@@ -135,7 +135,7 @@ class Service:
     def __init__(self, pair: ModelPair, engine: Engine, intensity: Intensity, config: ServerConfig):
         self.pair, self.engine, self.intensity, self.config = pair, engine, intensity, config
         self.metrics = Metrics()
-        self.metrics.slots.set(engine.slots)
+        self.metrics.started(engine)
         self.runner = EngineRunner(engine, max_queue=config.max_queue, on_step=self.metrics.after_step)
         self.scorer = Scorer(pair)
         self.spellings = {name: Spelling(tokenizer) for name, tokenizer in pair.tokenizers.items()}
@@ -149,7 +149,7 @@ class Service:
         check_length(req, self.engine.context, self.chars_per_token)
         lam, template, prompts = await asyncio.to_thread(self._prompts, req)
         tokenizer, spelling = self.pair.tokenizers[template], self.spellings[template]
-        budget = budgets(req, prompts, self.engine.context)
+        budget = budgets(req, prompts, self.engine.context, self.engine.max_new_tokens)
         head = ResponseHead(chat, self.config.model_name, lam)
         choices, queues = [], []
         loop = asyncio.get_running_loop()

@@ -100,9 +100,10 @@ def tokenize(req: ChatRequest | CompletionRequest, tokenizer, vocab_size: int) -
     return prompts
 
 
-def budgets(req: ChatRequest | CompletionRequest, prompts: list[list[int]], context: int) -> list[int]:
+def budgets(req: ChatRequest | CompletionRequest, prompts: list[list[int]], context: int, most: int) -> list[int]:
     """The answer's token budget for each prompt: ``max_tokens`` (or ``max_completion_tokens``)
-    when given, else the rest of the context (chat) or 16 (completions), as OpenAI has it.
+    when given, else the rest of the context (chat) or 16 (completions), as OpenAI has it, and
+    never more than ``most`` (the server's limit per answer).
     0 only for completions that echo their prompt (its log-probs alone, as evaluation harnesses ask)."""
     chat = isinstance(req, ChatRequest)
     asked, field = req.budget()
@@ -114,6 +115,9 @@ def budgets(req: ChatRequest | CompletionRequest, prompts: list[list[int]], cont
         if room < (0 if asked == 0 else 1):
             raise RequestError(f"{'messages' if chat else 'prompt'}: {len(prompt)} tokens leave no room in the context of "
                                f"{context} tokens per request", "messages" if chat else "prompt", "context_length_exceeded")  # fmt: skip
+        if asked is not None and asked > most:
+            raise RequestError(f"{field}: {asked} tokens exceed this server's limit of {most} tokens per answer", field)
+        room = min(room, most) if room >= 1 else room
         if asked is not None and asked > room:
             raise RequestError(f"{field}: {asked} tokens after the prompt's {len(prompt)} exceed the context of {context} "
                                "tokens per request", field, "context_length_exceeded")  # fmt: skip

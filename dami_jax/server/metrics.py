@@ -18,6 +18,9 @@ class Metrics:
         self.queue_depth = Gauge("dami_queue_depth", "Requests waiting for a slot", registry=self.registry)
         self.busy_slots = Gauge("dami_busy_slots", "Slots serving a request", registry=self.registry)
         self.slots = Gauge("dami_slots", "Slots of the engine", registry=self.registry)
+        self.kv_bytes = Gauge("dami_kv_cache_bytes", "KV cache bytes: allocated for every slot, or in use by the busy slots; "
+                              "on the device or in host memory (TailorKV's prompt stores)", ["memory", "state"],
+                              registry=self.registry)  # fmt: skip
         self.generated_tokens = Counter("dami_generated_tokens", "Tokens generated for requests", registry=self.registry)
         self.requests = Counter("dami_requests", "Requests answered, by outcome", ["outcome"], registry=self.registry)
         self.ttft = Histogram("dami_time_to_first_token_seconds", "From arrival to the first generated token",
@@ -25,7 +28,16 @@ class Metrics:
         self.latency = Histogram("dami_request_latency_seconds", "From arrival to the last token",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
 
+    def started(self, engine: Engine) -> None:
+        """Gauges fixed for the engine's life."""
+        self.slots.set(engine.slots)
+        for memory, per_slot in zip(("device", "host"), engine.kv_bytes_per_slot):
+            self.kv_bytes.labels(memory=memory, state="allocated").set(per_slot * engine.slots)
+        self.after_step(engine)
+
     def after_step(self, engine: Engine) -> None:
         """Gauges from the engine (called on its thread after every step)."""
         self.queue_depth.set(engine.waiting)
         self.busy_slots.set(engine.busy_slots)
+        for memory, per_slot in zip(("device", "host"), engine.kv_bytes_per_slot):
+            self.kv_bytes.labels(memory=memory, state="in_use").set(per_slot * engine.busy_slots)

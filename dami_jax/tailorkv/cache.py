@@ -1,4 +1,12 @@
-"""TailorKV (Yao et al., ACL Findings 2025): a hybrid KV cache, one policy per layer.
+"""TailorKV (Yao et al., ACL Findings 2025): a hybrid KV cache, one policy per layer, every row
+at its own length (so that :func:`dami_jax.generate` and the engine's slots run the same code).
+
+Rows are row-local: row b's tokens sit at slots 0..length[b]-1 of its stores, its prompt
+first (``prompt_len[b]`` tokens), RoPE positions are slots, and left padding never enters a
+store. Every layer keeps each row's prompt K/V in full precision in a :class:`PromptStore`
+(host memory, ``pinned_host``, when ``offload``): prompt pieces are written there and read back
+(the engine prefills long prompts in pieces), and a row's decode-time state is built from it
+once its prompt is complete (:meth:`TailorKVCache.start_rows`). Then:
 
 - Quantized layers (dense attention; layer 0 for most models): every token is kept as KIVI
   codes (keys per channel in token groups, values per token in channel groups) with the
@@ -7,38 +15,42 @@
   keep a sliding window of the last R tokens plus the current one (R + 1 exact). One ring of
   R + 1 full-precision tokens serves both: a ring key whose token is already quantized holds
   its dequantized value, so each token has one split for K and V and attention stays one
-  :func:`quantized_attention` call. Each row is quantized from its own first real token (its
-  tokens at slots 0..n-1 of its row), so left padding never enters a group: a prompt gets the
-  same codes, scales and zeros alone or in any padded batch.
-- Sparse layers (attention on a few dominant tokens): the prompt's full-precision K/V live in
-  host memory (memory kind ``pinned_host``); the device keeps sink + recent prompt tokens,
-  every generated token and the per-channel max |K|. Each decode step predicts the layer's
-  query from the previous layer's input (lookahead), scores channels s_i = |mean_group q_i| *
-  max|K_i|, estimates attention over all prompt tokens from the top ``num_channels`` channels,
-  and brings only the top-k tokens' rows to the device. Nothing is evicted. How a KV group's
-  query heads turn into one token score is ``TailorKVConfig.token_score``: ``"group_mean"``
-  (the reference code: the group-mean query at the chosen channels) or ``"head_max"`` (ours:
-  each query head's partial dot product, max over the group).
+  :func:`quantized_attention` call.
+- Sparse layers (attention on a few dominant tokens): the device keeps sink + recent prompt
+  tokens, every generated token and the per-channel max |K| of the prompt. Each decode step
+  predicts the layer's query from the previous layer's input (lookahead), scores channels
+  s_i = |mean_group q_i| * max|K_i|, estimates attention over the row's prompt tokens from the
+  top ``num_channels`` channels, and brings only the top-k tokens' rows to the device. Nothing
+  is evicted. The estimate reads the prompt stores in blocks of ``PROMPT_BLOCK`` tokens, as far
+  as the longest decoding row's prompt reaches (a running top-k merges the blocks), so a step
+  moves what its rows' prompts hold, not what the stores were sized for. How a KV group's query
+  heads turn into one token score is ``TailorKVConfig.token_score``: ``"group_mean"`` (the
+  reference code: the group-mean query at the chosen channels) or ``"head_max"`` (ours: each
+  query head's partial dot product, max over the group).
 
-Host memory inside jit: a gather cannot mix memory spaces, so the gathers of selected rows run
-on the host (``compute_on("device_host")``) and only their results cross to the device.
-Per sparse layer and step that moves B * Hkv * (num_channels * P + 2 * top_k * hd) elements
-(:func:`bytes_moved_per_step`). Prefill runs in full precision on the dense cache (as the paper
-does); :meth:`TailorKVConfig.after_prefill` then builds this cache from it.
+Host memory inside jit: a gather cannot mix memory spaces, so reads and writes of the prompt
+stores run on the host (``compute_on("device_host")``) and only their results cross to the
+device. Per sparse layer, decoding row and step that moves Hkv * (num_channels * P + 2 * top_k
+* hd) elements for a prompt of P tokens (:func:`bytes_moved_per_step`). Prefill runs in full
+precision (as the paper does); :meth:`TailorKVConfig.after_prefill` builds this cache from
+:func:`dami_jax.generate`'s dense, left-padded prefill.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.compute_on import compute_on
 
-from dami_jax.decoding.cache import DenseKVCache
-from dami_jax.models.attention import attention
+from dami_jax.decoding.cache import DenseKVCache, replace_layer, write_slots
+from dami_jax.models.attention import attention, attention_over_reads
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv.quant import quantize_keys, quantize_values
 from dami_jax.tailorkv.quant_attention import quantized_attention
@@ -132,17 +144,20 @@ class TailorKVConfig:
         return self.kernel
 
     def after_prefill(self, cfg: ModelConfig, dense: DenseKVCache, prompt_len: int) -> "TailorKVCache":
+        """The decode-time cache of :func:`dami_jax.generate`'s batch: ``dense`` holds the
+        left-padded prompts in its first ``prompt_len`` slots; each row moves to its own stores,
+        row-local, and is started there as the engine starts a slot."""
         self.validate(cfg)
-        layers = tuple(
-            _quantized_layer(self, dense.k[i], dense.v[i], dense.start, prompt_len)
-            if i in self.quantized_layers
-            else _sparse_layer(self, cfg, dense.k[i], dense.v[i], dense.start, prompt_len)
-            for i in range(cfg.num_layers)
-        )
-        return TailorKVCache(
-            layers=layers, length=dense.length, start=dense.start, config=self, prompt_len=prompt_len,
-            kernel=self.kernel_for(cfg),
+        rows = dense.start.shape[0]
+        cache = TailorKVCache.create(cfg, self, rows, prompt_len, dense.size - prompt_len,
+                                     dense.k[0].dtype, max_len=dense.size, zeros=jnp.zeros)  # fmt: skip
+        prompts = tuple(
+            store.filled(_row_local(k, dense.start, store.capacity), _row_local(v, dense.start, store.capacity), self.offload)
+            for store, k, v in zip(cache.prompts, dense.k, dense.v)
         )  # fmt: skip
+        count = prompt_len - dense.start
+        cache = cache.replace(prompts=prompts, length=count)
+        return cache.start_rows(jnp.arange(rows, dtype=jnp.int32))
 
 
 TAILORKV_1 = TailorKVConfig(bits=1, budget=192, sink=8, recent=56, num_channels=8)
@@ -150,42 +165,42 @@ TAILORKV_2 = TailorKVConfig(bits=2, budget=1024, sink=64, recent=64, num_channel
 PRESETS = {"TailorKV-1": TAILORKV_1, "TailorKV-2": TAILORKV_2}
 
 
-@flax.struct.dataclass
-class QuantizedLayerCache:
-    """Row-local: row b's n_b real tokens sit at slots 0..n_b-1 of its row (n_b = length - start[b])."""
-
-    keys: QuantizedKeys  # [B, Hkv, C, hd], C = cache size rounded up to R; slots of whole R-blocks are final
-    values: QuantizedValues  # [B, Hkv, C, hd]; each token's codes are written when it arrives
-    k_window: jax.Array  # [B, Hkv, R + 1, hd] ring: slot s at s % (R + 1); dequantized once its key is quantized
-    v_window: jax.Array  # [B, Hkv, R + 1, hd] ring of exact values
+PROMPT_BLOCK = 512  # prompt tokens a sparse layer scores per loop step; prompt stores hold whole blocks
 
 
-@flax.struct.dataclass
-class SparseLayerCache:
-    k_host: jax.Array  # [B, Hkv, P, hd] prompt keys (host memory when offloaded)
-    v_host: jax.Array  # [B, Hkv, P, hd]
-    kt_host: jax.Array  # [B, Hkv, hd, P] transposed keys: one channel is one contiguous row
-    k_absmax: jax.Array  # [B, Hkv, hd] per-channel max |K| over the real prompt tokens
-    k_window: jax.Array  # [B, Hkv, sink + recent, hd] on the device
-    v_window: jax.Array
-    window_mask: jax.Array  # bool [B, sink + recent]: real, non-duplicate tokens
-    k_gen: jax.Array  # [B, Hkv, max_new, hd] generated tokens
-    v_gen: jax.Array
-    channels: jax.Array  # int32 [B, Hkv, num_channels], chosen from the lookahead query
+def prompt_capacity(tokens: int, config: TailorKVConfig) -> int:
+    """Slots of a prompt store that holds ``tokens``: whole ``PROMPT_BLOCK``s and whole R-blocks."""
+    unit = math.lcm(PROMPT_BLOCK, config.residual)
+    return max(1, -(-tokens // unit)) * unit
 
 
-def _to_host(x: jax.Array, config: TailorKVConfig) -> jax.Array:
-    return jax.device_put(x, jax.memory.Space.Host) if config.offload else x
-
-
-def _host_take(x: jax.Array, index: jax.Array, axis: int, config: TailorKVConfig) -> jax.Array:
-    """``take_along_axis`` on a host-resident array, run on the host; only the result moves."""
-    if not config.offload:
-        return jnp.take_along_axis(x, index, axis=axis)
-    index = jax.device_put(index, jax.memory.Space.Host)
+def _on_host(offload: bool, fn, *args, keep_on_host: bool = False):
+    """``fn(*args)`` beside host-resident stores: run on the host (``args`` moved there first), only
+    the result crossing to the device (or staying on the host: a store's update). Without
+    offload the stores are on the device and ``fn`` runs there."""
+    if not offload:
+        return fn(*args)
+    args = jax.device_put(args, jax.memory.Space.Host)
     with compute_on("device_host"):
-        rows = jnp.take_along_axis(x, index, axis=axis, mode="promise_in_bounds")
-    return jax.device_put(rows, jax.memory.Space.Device)
+        out = fn(*args)
+    return out if keep_on_host else jax.device_put(out, jax.memory.Space.Device)
+
+
+def _to_host(x: jax.Array, offload: bool) -> jax.Array:
+    return jax.device_put(x, jax.memory.Space.Host) if offload else x
+
+
+def _host_zeros(shape: tuple[int, ...], dtype, offload: bool) -> jax.Array:
+    """A zero store allocated in host memory (never staged through the device)."""
+    if not offload:
+        return jnp.zeros(shape, dtype)
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    return jax.device_put(np.zeros(shape, dtype), host)
+
+
+def _tokens_at(x: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:
+    """x [B, Hkv, S, hd] at rows int32 [n] and their slots int32 [n, T] -> [n, Hkv, T, hd]."""
+    return x[rows[:, None], :, slots].swapaxes(1, 2)
 
 
 def _row_local(x: jax.Array, start: jax.Array, length: int) -> jax.Array:
@@ -218,24 +233,6 @@ def _serve_dequantized(k_window: jax.Array, block: QuantizedKeys, block_start: j
     return jnp.where(inside[:, None, :, None], dequantized, k_window)
 
 
-def _quantized_layer(config: TailorKVConfig, k: jax.Array, v: jax.Array, start: jax.Array, prompt_len: int) -> QuantizedLayerCache:
-    """Quantize every prompt token row-locally; the ring takes the last R + 1 slots, the keys of
-    whole R-blocks among them dequantized."""
-    size, r = k.shape[2], config.residual
-    capacity = -(-size // r) * r
-    n = prompt_len - start  # real tokens per row
-    k_rows, v_rows = _row_local(k, start, capacity), _row_local(v, start, capacity)
-    quantize = dict(bits=config.bits, group=config.group, scale_dtype=jnp.dtype(config.scale_dtype))
-    ring = jnp.clip(_ring_slots(n, r + 1), 0)
-    last_block = jnp.maximum(n // r * r - r, 0)  # the last whole R-block (the ring reaches no earlier one)
-    block = quantize_keys(_gather_tokens(k_rows, last_block[:, None] + jnp.arange(r)), **quantize)
-    k_window = _serve_dequantized(_gather_tokens(k_rows, ring), block, last_block, n, n >= r)
-    return QuantizedLayerCache(
-        keys=quantize_keys(k_rows, **quantize), values=quantize_values(v_rows, **quantize),
-        k_window=k_window, v_window=_gather_tokens(v_rows, ring),
-    )  # fmt: skip
-
-
 def select_channels(query: jax.Array, k_absmax: jax.Array, num_channels: int) -> jax.Array:
     """query [B, 1, Hq, hd], k_absmax [B, Hkv, hd] -> int32 [B, Hkv, num_channels]: the channels
     with the largest |mean over the GQA group of q_i| * max|K_i|."""
@@ -255,49 +252,244 @@ def token_scores(q_channels: jax.Array, channel_rows: jax.Array, mode: str) -> j
     return jnp.einsum("bhgc,bhcp->bhgp", q_channels.astype(jnp.float32), rows).max(axis=2)
 
 
-def _sparse_layer(config, cfg: ModelConfig, k, v, start, prompt_len: int) -> SparseLayerCache:
-    b, h, size, hd = k.shape
-    k_prompt, v_prompt = k[:, :, :prompt_len], v[:, :, :prompt_len]
-    real = jnp.arange(prompt_len)[None, :] >= start[:, None]  # [B, P]
-    k_absmax = jnp.max(jnp.where(real[:, None, :, None], jnp.abs(k_prompt.astype(jnp.float32)), 0.0), axis=2)
-    sink_slots = start[:, None] + jnp.arange(config.sink)[None, :]
-    recent_slots = jnp.broadcast_to(prompt_len - config.recent + jnp.arange(config.recent), (b, config.recent))
-    slots = jnp.concatenate([sink_slots, recent_slots], axis=1)  # [B, W]
-    window_mask = jnp.concatenate(
-        [sink_slots < prompt_len, (recent_slots >= start[:, None] + config.sink) & (recent_slots >= 0)], axis=1
-    )
-    index = jnp.clip(slots, 0, prompt_len - 1)[:, None, :, None]
-    max_new = size - prompt_len
-    return SparseLayerCache(
-        k_host=_to_host(k_prompt, config), v_host=_to_host(v_prompt, config),
-        kt_host=_to_host(k_prompt.swapaxes(2, 3), config), k_absmax=k_absmax,
-        k_window=jnp.take_along_axis(k_prompt, index, axis=2), v_window=jnp.take_along_axis(v_prompt, index, axis=2),
-        window_mask=window_mask,
-        k_gen=jnp.zeros((b, h, max_new, hd), k.dtype), v_gen=jnp.zeros((b, h, max_new, hd), v.dtype),
-        channels=jnp.zeros((b, h, config.num_channels), jnp.int32),
-    )  # fmt: skip
+@flax.struct.dataclass
+class PromptStore:
+    """One layer's prompts in full precision, row-local: k, v [B, Hkv, P, hd]; a sparse layer's
+    also as kt [B, Hkv, hd, P] (keys transposed: one channel of every token is one contiguous
+    row, what the token estimate reads). In host memory when offloaded."""
+
+    k: jax.Array
+    v: jax.Array
+    kt: jax.Array | None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def filled(self, k: jax.Array, v: jax.Array, offload: bool) -> "PromptStore":
+        """Whole stores from row-local k, v [B, Hkv, P, hd] (on the device)."""
+        kt = None if self.kt is None else _to_host(k.swapaxes(2, 3), offload)
+        return PromptStore(_to_host(k, offload), _to_host(v, offload), kt)
+
+    def write(self, k: jax.Array, v: jax.Array, rows: jax.Array, slots: jax.Array, offload: bool) -> "PromptStore":
+        """k, v [R, T, Hkv, hd] written at (rows, slots) int32 [R, T]; a row index past the last
+        row drops that token (padding)."""
+
+        def put(store: jax.Array, new: jax.Array, rows: jax.Array, slots: jax.Array, transposed: bool) -> jax.Array:
+            at = (rows, slice(None), slice(None), slots) if transposed else (rows, slice(None), slots)
+            return store.at[at].set(new.astype(store.dtype), mode="drop")
+
+        def write_all(stores, k, v, rows, slots):
+            return tuple(put(store, new, rows, slots, i == 2) for i, (store, new) in enumerate(zip(stores, (k, v, k))))
+
+        stores = (self.k, self.v) + (() if self.kt is None else (self.kt,))
+        written = _on_host(offload, write_all, stores, k, v, rows, slots, keep_on_host=True)
+        return PromptStore(*written[:2], written[2] if self.kt is not None else None)
+
+    def read(self, first_row: jax.Array, rows: int, start: jax.Array, size: int, offload: bool) -> tuple[jax.Array, jax.Array]:
+        """(k, v) [rows, Hkv, size, hd] of rows first_row.. from slot ``start``, on the device."""
+
+        def cut(k, v, first_row, start):
+            at = (first_row, 0, start, 0)
+            return tuple(jax.lax.dynamic_slice(x, at, (rows, *x.shape[1:2], size, x.shape[3])) for x in (k, v))
+
+        return _on_host(offload, cut, self.k, self.v, first_row, jnp.asarray(start, jnp.int32))
+
+    def read_rows(self, rows: jax.Array, start: jax.Array, size: int, offload: bool) -> tuple[jax.Array, jax.Array]:
+        """(k, v) [n, Hkv, size, hd] of rows int32 [n] from slot ``start``, on the device."""
+        return self.tokens(rows, jnp.broadcast_to(start + jnp.arange(size), (rows.shape[0], size)), offload)
+
+    def tokens(self, rows: jax.Array, slots: jax.Array, offload: bool) -> tuple[jax.Array, jax.Array]:
+        """(k, v) [n, Hkv, T, hd] of rows int32 [n] at their slots int32 [n, T], on the device."""
+        return _on_host(offload, lambda k, v, rows, slots: (_tokens_at(k, rows, slots), _tokens_at(v, rows, slots)),
+                        self.k, self.v, rows, slots)  # fmt: skip
+
+
+@flax.struct.dataclass
+class QuantizedLayerCache:
+    """Row b's n_b tokens (n_b = length[b]) sit at slots 0..n_b-1 of its row."""
+
+    keys: QuantizedKeys  # [B, Hkv, C, hd], C = tokens per row rounded up to R; slots of whole R-blocks are final
+    values: QuantizedValues  # [B, Hkv, C, hd]; each token's codes are written when it arrives
+    k_window: jax.Array  # [B, Hkv, R + 1, hd] ring: slot s at s % (R + 1); dequantized once its key is quantized
+    v_window: jax.Array  # [B, Hkv, R + 1, hd] ring of exact values
+
+
+@flax.struct.dataclass
+class SparseLayerCache:
+    """A sparse layer's device part; its prompt K/V are in the layer's :class:`PromptStore`."""
+
+    k_absmax: jax.Array  # [B, Hkv, hd] per-channel max |K| over the row's prompt tokens
+    k_window: jax.Array  # [B, Hkv, sink + recent, hd]
+    v_window: jax.Array
+    window_mask: jax.Array  # bool [B, sink + recent]: real, non-duplicate tokens
+    k_gen: jax.Array  # [B, Hkv, G, hd] generated tokens
+    v_gen: jax.Array
+    channels: jax.Array  # int32 [B, Hkv, num_channels], chosen from the lookahead query
+
+
+def _quantize_options(config: TailorKVConfig) -> dict:
+    return dict(bits=config.bits, group=config.group, scale_dtype=jnp.dtype(config.scale_dtype))
+
+
+def _start_quantized(config: TailorKVConfig, state: QuantizedLayerCache, store: PromptStore, rows: jax.Array,
+                     safe: jax.Array, count: jax.Array) -> QuantizedLayerCache:  # fmt: skip
+    """Quantize rows' prompts (count [n] tokens each) R-block by R-block from the store; the
+    ring takes the last R + 1 tokens, the keys of the last whole R-block among them dequantized."""
+    r, quantize = config.residual, _quantize_options(config)
+
+    def add_block(i, stores):
+        keys, values = stores
+        k, v = store.read_rows(safe, i * r, r, config.offload)
+        return keys.update_rows(quantize_keys(k, **quantize), rows, i * r), values.update_rows(quantize_values(v, **quantize), rows, i * r)
+
+    blocks = (jnp.max(count) + r - 1) // r
+    keys, values = jax.lax.fori_loop(0, blocks, add_block, (state.keys, state.values))
+    k_ring, v_ring = store.tokens(safe, jnp.clip(_ring_slots(count, r + 1), 0), config.offload)
+    last_block = jnp.maximum(count // r * r - r, 0)  # the last whole R-block (the ring reaches no earlier one)
+    block = quantize_keys(store.tokens(safe, last_block[:, None] + jnp.arange(r), config.offload)[0], **quantize)
+    k_ring = _serve_dequantized(k_ring, block, last_block, count, count >= r)
+    return state.replace(keys=keys, values=values, k_window=state.k_window.at[rows].set(k_ring, mode="drop"),
+                         v_window=state.v_window.at[rows].set(v_ring.astype(state.v_window.dtype), mode="drop"))  # fmt: skip
+
+
+def _start_sparse(config: TailorKVConfig, state: SparseLayerCache, store: PromptStore, rows: jax.Array,
+                  safe: jax.Array, count: jax.Array) -> SparseLayerCache:  # fmt: skip
+    """Rows' per-channel max |K| over their prompts (read block by block), and their sink and
+    recent windows."""
+
+    def add_block(i, absmax):
+        k, _ = store.read_rows(safe, i * PROMPT_BLOCK, PROMPT_BLOCK, config.offload)
+        real = i * PROMPT_BLOCK + jnp.arange(PROMPT_BLOCK)[None, :] < count[:, None]  # [n, block]
+        return jnp.maximum(absmax, jnp.max(jnp.where(real[:, None, :, None], jnp.abs(k.astype(jnp.float32)), 0.0), axis=2))
+
+    blocks = (jnp.max(count) + PROMPT_BLOCK - 1) // PROMPT_BLOCK
+    absmax = jax.lax.fori_loop(0, blocks, add_block, jnp.zeros((rows.shape[0], *state.k_absmax.shape[1:]), jnp.float32))
+    sink = jnp.broadcast_to(jnp.arange(config.sink), (rows.shape[0], config.sink))
+    recent = count[:, None] - config.recent + jnp.arange(config.recent)[None, :]
+    mask = jnp.concatenate([sink < count[:, None], (recent >= config.sink) & (recent >= 0)], axis=1)
+    k, v = store.tokens(safe, jnp.clip(jnp.concatenate([sink, recent], axis=1), 0, store.capacity - 1), config.offload)
+
+    def put(current: jax.Array, new: jax.Array) -> jax.Array:
+        return current.at[rows].set(new.astype(current.dtype), mode="drop")
+
+    return state.replace(k_absmax=put(state.k_absmax, absmax), k_window=put(state.k_window, k),
+                         v_window=put(state.v_window, v), window_mask=put(state.window_mask, mask))  # fmt: skip
 
 
 @flax.struct.dataclass
 class TailorKVCache:
-    """The decode-time cache; implements :class:`dami_jax.models.model.KVCache` for single-token steps."""
+    """Per-row TailorKV state; implements :class:`dami_jax.models.model.KVCache` for one-token
+    decode steps. ``layers`` (the device part) and the per-row arrays have R rows; ``prompts``
+    have B >= R: a decode of rows 0..R-1 runs on :meth:`narrow` (R) and is put back with
+    :meth:`widen`."""
 
-    layers: tuple
-    length: jax.Array  # int32 []: slots written (prompt + generated)
-    start: jax.Array  # int32 [B]: first real prompt slot per row
+    layers: tuple  # per layer: QuantizedLayerCache | SparseLayerCache, on the device
+    prompts: tuple  # per layer: PromptStore
+    length: jax.Array  # int32 [R]: tokens held per row (prompt + generated)
+    prompt_len: jax.Array  # int32 [R]: the row's prompt tokens (set when the row starts)
+    active: jax.Array  # bool [R]: rows a decode step serves; the others neither advance nor read host memory for themselves
     config: TailorKVConfig = flax.struct.field(pytree_node=False)
-    prompt_len: int = flax.struct.field(pytree_node=False)
     kernel: str = flax.struct.field(pytree_node=False, default="xla")  # resolved: "xla", "pallas" or "triton"
 
+    @classmethod
+    def create(cls, cfg: ModelConfig, config: TailorKVConfig, rows: int, prompt_tokens: int, max_generated: int,
+               dtype, *, max_len: int, zeros=None) -> "TailorKVCache":  # fmt: skip
+        """An empty cache of ``rows`` rows, each holding a prompt of up to ``prompt_tokens`` tokens
+        (its store: :func:`prompt_capacity`) and ``max_len`` tokens in all, ``max_generated`` of
+        them generated. ``zeros(shape, dtype)`` allocates the prompt stores (default: in host
+        memory when offloaded, never staged through the device)."""
+        config.validate(cfg)
+        zeros = zeros or (lambda shape, dtype: _host_zeros(shape, dtype, config.offload))
+        hkv, hd, r = cfg.num_kv_heads, cfg.head_dim, config.residual
+        capacity = prompt_capacity(prompt_tokens, config)
+        quantized_capacity = -(-max_len // r) * r
+        quantize = dict(bits=config.bits, group=config.group, scale_dtype=jnp.dtype(config.scale_dtype))
+        window = config.sink + config.recent
+
+        def device(*shape, dtype=dtype):
+            return jnp.zeros(shape, dtype)
+
+        def store(kind):  # a buffer of its own for every leaf: the engine donates the cache
+            zeroed = kind.zeros(rows, hkv, quantized_capacity, hd, **quantize)
+            return zeroed.replace(zero=jnp.zeros_like(zeroed.zero))
+
+        def layer(i: int):
+            if i in config.quantized_layers:
+                state = QuantizedLayerCache(
+                    keys=store(QuantizedKeys), values=store(QuantizedValues),
+                    k_window=device(rows, hkv, r + 1, hd), v_window=device(rows, hkv, r + 1, hd),
+                )  # fmt: skip
+                return state, PromptStore(zeros((rows, hkv, capacity, hd), dtype), zeros((rows, hkv, capacity, hd), dtype), None)
+            state = SparseLayerCache(
+                k_absmax=device(rows, hkv, hd, dtype=jnp.float32), k_window=device(rows, hkv, window, hd),
+                v_window=device(rows, hkv, window, hd), window_mask=device(rows, window, dtype=bool),
+                k_gen=device(rows, hkv, max(1, max_generated), hd), v_gen=device(rows, hkv, max(1, max_generated), hd),
+                channels=device(rows, hkv, config.num_channels, dtype=jnp.int32),
+            )  # fmt: skip
+            return state, PromptStore(*(zeros(shape, dtype) for shape in ((rows, hkv, capacity, hd),) * 2 + ((rows, hkv, hd, capacity),)))
+
+        layers, prompts = zip(*(layer(i) for i in range(cfg.num_layers)))
+        return cls(layers=tuple(layers), prompts=tuple(prompts), length=device(rows, dtype=jnp.int32),
+                   prompt_len=device(rows, dtype=jnp.int32), active=jnp.ones((rows,), bool), config=config,
+                   kernel=config.kernel_for(cfg))  # fmt: skip
+
+    # ------------------------------------------------------------------ rows
+
+    def write_prompt(self, layer: int, k: jax.Array, v: jax.Array, rows: jax.Array, slots: jax.Array) -> "TailorKVCache":
+        """Prompt tokens k, v [R, T, Hkv, hd] of ``layer`` into the prompt store at (rows, slots)
+        int32 [R, T] (a row past the last drops the token)."""
+        store = self.prompts[layer].write(k, v, rows, slots, self.config.offload)
+        return self.replace(prompts=replace_layer(self.prompts, layer, store))
+
+    def prompt_attention(self, layer: int, q: jax.Array, first_row: jax.Array, query_slots: jax.Array) -> jax.Array:
+        """Full-precision attention of q [R, T, Hq, hd] (rows first_row.., at query_slots [R, T])
+        over their rows' prompt tokens so far, read from the store block by block as far as the
+        queries reach (a prompt's later pieces)."""
+        store, rows = self.prompts[layer], q.shape[0]
+
+        def read(start, size: int):
+            return store.read(first_row, rows, start, size, self.config.offload)
+
+        return attention_over_reads(q, read, query_slots, capacity=store.capacity, window=PROMPT_BLOCK, block=PROMPT_BLOCK)
+
+    def start_rows(self, rows: jax.Array) -> "TailorKVCache":
+        """Rows int32 [n] whose prompts are complete (``length`` of them in the prompt stores)
+        get their decode-time state: quantized layers' codes and rings, sparse layers' key
+        ranges and windows. A row index past the last is ignored. Reads only those rows' prompts."""
+        safe = jnp.minimum(rows, self.length.shape[0] - 1)
+        count = jnp.where(rows < self.length.shape[0], self.length[safe], 0)
+        layers = tuple(
+            (_start_quantized if isinstance(state, QuantizedLayerCache) else _start_sparse)(self.config, state, store, rows, safe, count)
+            for state, store in zip(self.layers, self.prompts)
+        )  # fmt: skip
+        return self.replace(layers=layers, prompt_len=self.prompt_len.at[rows].set(count, mode="drop"))
+
+    def narrow(self, rows: int) -> "TailorKVCache":
+        """The cache of rows 0..rows-1 (the device part sliced; the prompt stores whole)."""
+        head = functools.partial(jax.tree.map, lambda x: x[:rows])
+        return self.replace(layers=head(self.layers), length=head(self.length), prompt_len=head(self.prompt_len), active=head(self.active))
+
+    def widen(self, narrowed: "TailorKVCache") -> "TailorKVCache":
+        """This cache with :meth:`narrow`'s rows put back."""
+
+        def put(full, part):
+            return jax.tree.map(lambda x, y: x.at[: y.shape[0]].set(y), full, part)
+
+        return self.replace(layers=put(self.layers, narrowed.layers), prompts=narrowed.prompts, length=put(self.length, narrowed.length),
+                            prompt_len=put(self.prompt_len, narrowed.prompt_len), active=put(self.active, narrowed.active))  # fmt: skip
+
+    # ------------------------------------------------------------------ decode steps (KVCache)
+
     def positions(self, num_tokens: int) -> jax.Array:
-        return self.length + jnp.arange(num_tokens)[None, :] - self.start[:, None]
+        return self.length[:, None] + jnp.arange(num_tokens)[None, :]
 
     def wants_next_query(self, layer: int) -> bool:
         return layer > 0 and layer not in self.config.quantized_layers
 
     def attend(self, layer: int, q, k, v, next_query=None):
         if q.shape[1] != 1:
-            raise ValueError("TailorKVCache decodes one token per step; prefill runs on the dense cache")
+            raise ValueError("TailorKVCache decodes one token per step; prompts go through write_prompt / start_rows")
         cache = self
         if next_query is not None:  # lookahead: pick layer+1's channels from its predicted query
             upcoming = self.layers[layer + 1]
@@ -310,19 +502,19 @@ class TailorKVCache:
             channels = state.channels if self.wants_next_query(layer) else select_channels(
                 q, state.k_absmax, self.config.num_channels
             )
-            out, state = cache._attend_sparse(state, q, k, v, channels)
+            out, state = cache._attend_sparse(state, self.prompts[layer], q, k, v, channels)
         return out, cache._with_layer(layer, state)
 
     def _with_layer(self, layer: int, state) -> "TailorKVCache":
-        return self.replace(layers=self.layers[:layer] + (state,) + self.layers[layer + 1 :])
+        return self.replace(layers=replace_layer(self.layers, layer, state))
 
     def _attend_quantized(self, state: QuantizedLayerCache, q, k, v):
         """Append the token to the ring (and its value codes to the store), attend, then quantize
         the R-block holding the token; its keys are served quantized once the block is whole."""
         config = self.config
         r, window = config.residual, config.residual + 1
-        quantize = dict(bits=config.bits, group=config.group, scale_dtype=jnp.dtype(config.scale_dtype))
-        n = self.length + 1 - self.start  # [B] tokens per row, this one included
+        quantize = _quantize_options(config)
+        n = self.length + 1  # [B] tokens per row, this one included
         k_new, v_new = k.swapaxes(1, 2).astype(state.k_window.dtype), v.swapaxes(1, 2).astype(state.v_window.dtype)
         fresh = (jnp.arange(window)[None, :] == ((n - 1) % window)[:, None])[:, None, :, None]
         k_window, v_window = jnp.where(fresh, k_new, state.k_window), jnp.where(fresh, v_new, state.v_window)
@@ -336,32 +528,50 @@ class TailorKVCache:
         k_window = _serve_dequantized(k_window, block, block_start, n, n % r == 0)
         return out, state.replace(keys=keys, values=values, k_window=k_window, v_window=v_window)
 
-    def _attend_sparse(self, state: SparseLayerCache, q, k, v, channels):
-        config, prompt_len = self.config, self.prompt_len
-        generated = self.length - prompt_len
-        k_gen = jax.lax.dynamic_update_slice(state.k_gen, k.swapaxes(1, 2).astype(state.k_gen.dtype), (0, 0, generated, 0))
-        v_gen = jax.lax.dynamic_update_slice(state.v_gen, v.swapaxes(1, 2).astype(state.v_gen.dtype), (0, 0, generated, 0))
-        b, _, hq, hd = q.shape
-        hkv = state.k_absmax.shape[1]
+    def _attend_sparse(self, state: SparseLayerCache, store: PromptStore, q, k, v, channels):
+        """Attention over the row's sink + recent window, its top-k prompt tokens (estimated from
+        ``channels``, fetched from the store) and its generated tokens (this one appended)."""
+        generated = jnp.where(self.active, self.length - self.prompt_len, 0)  # an idle row writes at 0, in bounds
+        k_gen, v_gen = write_slots((state.k_gen, state.v_gen), (k, v), generated)
+        b, hkv = q.shape[0], state.k_absmax.shape[1]
         window_mask = jnp.broadcast_to(state.window_mask[:, None, :], (b, hkv, state.window_mask.shape[1]))
         segments = [(state.k_window, state.v_window, window_mask)]  # (k, v [B, Hkv, S, hd], mask [B, Hkv, S])
-        top_k = min(config.top_k, prompt_len)
-        if top_k:
-            # Approximate scores of every prompt token from the chosen channels only.
-            channel_rows = _host_take(state.kt_host, channels[..., None], axis=2, config=config)  # [B, Hkv, C, P]
-            q_channels = jnp.take_along_axis(q[:, 0].reshape(b, hkv, hq // hkv, hd), channels[:, :, None, :], axis=3)
-            approx = self._token_scores(q_channels, channel_rows)
-            slots = jnp.arange(prompt_len)
-            eligible = (slots >= self.start[:, None] + config.sink) & (slots < prompt_len - config.recent)
-            approx = jnp.where(eligible[:, None, :], approx, -jnp.inf)
-            scores, chosen = jax.lax.top_k(approx, top_k)  # [B, Hkv, top_k]
-            segments.append((
-                _host_take(state.k_host, chosen[..., None], axis=2, config=config),
-                _host_take(state.v_host, chosen[..., None], axis=2, config=config),
-                scores > -jnp.inf,
-            ))  # fmt: skip
-        segments.append((k_gen, v_gen, jnp.broadcast_to(jnp.arange(k_gen.shape[2]) <= generated, (b, hkv, k_gen.shape[2]))))
+        if self.config.top_k:
+            segments.append(self._top_k_tokens(store, q, channels))
+        segments.append((k_gen, v_gen, jnp.broadcast_to(jnp.arange(k_gen.shape[2]) <= generated[:, None, None], (b, hkv, k_gen.shape[2]))))
         return self._attend_segments(q, segments), state.replace(k_gen=k_gen, v_gen=v_gen)
+
+    def _top_k_tokens(self, store: PromptStore, q: jax.Array, channels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(k, v [B, Hkv, top_k, hd], mask [B, Hkv, top_k]) of each row's top-k prompt tokens by
+        the channel estimate, scored block by block as far as the longest active prompt reaches."""
+        config, offload = self.config, self.config.offload
+        b, _, hq, hd = q.shape
+        hkv, num_channels = channels.shape[1:]
+        q_channels = jnp.take_along_axis(q[:, 0].reshape(b, hkv, hq // hkv, hd), channels[:, :, None, :], axis=3)
+
+        def channel_rows(kt, channels, start):  # [B, Hkv, C, block]: the chosen channels of one block of tokens
+            block = jax.lax.dynamic_slice(kt, (0, 0, 0, start), (b, hkv, hd, PROMPT_BLOCK))
+            return jnp.take_along_axis(block, channels[..., None], axis=2, mode="promise_in_bounds")
+
+        def add_block(i, best):
+            scores, index = best
+            start = i * PROMPT_BLOCK
+            approx = self._token_scores(q_channels, _on_host(offload, channel_rows, store.kt, channels, start))
+            slots = start + jnp.arange(PROMPT_BLOCK)
+            eligible = (slots[None, :] >= config.sink) & (slots[None, :] < self.prompt_len[:, None] - config.recent)
+            approx = jnp.where(eligible[:, None, :], approx, -jnp.inf)
+            scores, picked = jax.lax.top_k(jnp.concatenate([scores, approx], axis=-1), config.top_k)
+            index = jnp.concatenate([index, jnp.broadcast_to(slots, (b, hkv, PROMPT_BLOCK))], axis=-1)
+            return scores, jnp.take_along_axis(index, picked, axis=-1)
+
+        longest = jnp.max(jnp.where(self.active, self.prompt_len, 0))
+        best = (jnp.full((b, hkv, config.top_k), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, config.top_k), jnp.int32))
+        scores, chosen = jax.lax.fori_loop(0, (longest + PROMPT_BLOCK - 1) // PROMPT_BLOCK, add_block, best)
+
+        def take(k, v, chosen):
+            return tuple(jnp.take_along_axis(x[:b], chosen[..., None], axis=2, mode="promise_in_bounds") for x in (k, v))
+
+        return *_on_host(offload, take, store.k, store.v, chosen), scores > -jnp.inf
 
     # The kernel choice (``kernel``, resolved when the cache was built; Pallas on CPU is interpreted).
 
@@ -389,12 +599,13 @@ class TailorKVCache:
         return attention(q, keys, values, mask)
 
     def advance(self, num_tokens: int) -> "TailorKVCache":
-        return self.replace(length=self.length + num_tokens)
+        return self.replace(length=self.length + num_tokens * self.active.astype(jnp.int32))
 
 
 def bytes_moved_per_step(cfg: ModelConfig, config: TailorKVConfig, batch: int, prompt_len: int, itemsize: int = 4) -> int:
-    """Host -> device bytes per decode step: channel rows for scoring plus the top-k K and V rows,
+    """Host -> device bytes per decode step of ``batch`` rows whose prompts hold ``prompt_len``
+    tokens: channel rows for scoring (whole ``PROMPT_BLOCK``s) plus the top-k K and V rows,
     summed over sparse layers."""
     sparse = cfg.num_layers - len(config.quantized_layers)
-    per_layer = batch * cfg.num_kv_heads * (config.num_channels * prompt_len + 2 * min(config.top_k, prompt_len) * cfg.head_dim)
+    per_layer = batch * cfg.num_kv_heads * (config.num_channels * -(-prompt_len // PROMPT_BLOCK) * PROMPT_BLOCK + 2 * config.top_k * cfg.head_dim)
     return sparse * per_layer * itemsize

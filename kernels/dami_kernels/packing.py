@@ -144,22 +144,39 @@ class QuantizedTensor:
         row. Keys are written in whole groups: ``start`` a multiple of ``group``, and ``group`` a
         multiple of ``32 // bits`` so that groups start on word boundaries (true for group 64 and
         every bit width)."""
-        if (type(new), new.bits, new.group, new.head_dim) != (type(self), self.bits, self.group, self.head_dim):
-            raise ValueError(
-                f"new: {type(new).__name__} (bits, group, head_dim)={(new.bits, new.group, new.head_dim)} does not "
-                f"match the store's {type(self).__name__} {(self.bits, self.group, self.head_dim)}"
-            )
-        word, grp = start, start
-        if self.axis == TOKENS:
-            per = codes_per_word(self.bits)
-            if self.group % per:
-                raise ValueError(f"group={self.group} must be a multiple of {per} to append {self.bits}-bit key groups")
-            word, grp = start // per, start // self.group
+        word, grp = self._offsets(new, start)
         return self.replace(
             codes=_write_tokens(self.codes, new.codes, word),
             scale=_write_tokens(self.scale, new.scale, grp),
             zero=_write_tokens(self.zero, new.zero, grp),
         )
+
+    def update_rows(self, new: "QuantizedTensor", rows: jax.Array, start: jax.Array | int) -> "QuantizedTensor":
+        """Write ``new`` (n rows) into rows ``rows`` int32 [n] of this store, at token ``start``
+        (one offset, as :meth:`update`'s); a row index past the last row is dropped."""
+        word, grp = self._offsets(new, start)
+
+        def put(x: jax.Array, y: jax.Array, at) -> jax.Array:
+            slots = at + jnp.arange(y.shape[TOKENS])
+            return x.at[rows[:, None], :, slots[None, :]].set(y.swapaxes(1, 2).astype(x.dtype), mode="drop")
+
+        return self.replace(codes=put(self.codes, new.codes, word), scale=put(self.scale, new.scale, grp),
+                            zero=put(self.zero, new.zero, grp))  # fmt: skip
+
+    def _offsets(self, new: "QuantizedTensor", start):
+        """(word, group) offsets along the tokens axis of token ``start``, after checking that
+        ``new`` is a store of the same kind."""
+        if (type(new), new.bits, new.group, new.head_dim) != (type(self), self.bits, self.group, self.head_dim):
+            raise ValueError(
+                f"new: {type(new).__name__} (bits, group, head_dim)={(new.bits, new.group, new.head_dim)} does not "
+                f"match the store's {type(self).__name__} {(self.bits, self.group, self.head_dim)}"
+            )
+        if self.axis != TOKENS:
+            return start, start
+        per = codes_per_word(self.bits)
+        if self.group % per:
+            raise ValueError(f"group={self.group} must be a multiple of {per} to append {self.bits}-bit key groups")
+        return start // per, start // self.group
 
     @classmethod
     def check_grouping(cls, bits: int, group: int, length: int) -> None:

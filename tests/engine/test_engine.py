@@ -130,11 +130,7 @@ def test_bad_requests_are_refused_before_taking_a_slot(pair, stream, expected):
     assert [r.tokens for r in results] == expected[: len(bad)]
 
 
-def test_tailorkv_is_refused_with_what_it_lacks(pair):
-    with pytest.raises(InputError, match="keeps one length for the whole batch"):
-        Engine(pair, cache=dj.TAILORKV_2)
-    with pytest.raises(InputError, match="TailorKVConfig"):
-        dj.serve(pair, [[5, 6, 7]], [0.5], cache=dj.TAILORKV_1)
+def test_bad_engine_settings_are_refused_naming_them(pair):
     with pytest.raises(InputError, match="slots: must be an integer >= 1"):
         Engine(pair, slots=0)
     with pytest.raises(InputError, match="prefill_chunk: must be a power of two, got 40"):

@@ -3,6 +3,7 @@ pair, the official ``openai`` client. Every load loop here is bounded in count a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import socket
@@ -18,6 +19,7 @@ from serving import HOST, KEY, Server
 from serving import pair, server  # noqa: F401 - the fixtures
 
 import dami_jax as dj
+from dami_jax.evals.calibration import pair_quantized_layers
 from dami_jax.models.tokenizer import chat_tokens
 from dami_jax.toy.evaluation import toy_problems
 
@@ -28,11 +30,11 @@ QUESTIONS = [p.question for p in toy_problems(6, seed=3)][:32]
 LAMBDAS = [0.0, 1.0, 0.5, 0.3, 0.7, 1.0, 0.0, 0.9]
 
 
-def expected_text(pair, question: str, lam: float, max_tokens: int) -> tuple[str, int, int]:
+def expected_text(pair, question: str, lam: float, max_tokens: int, cache=dj.DenseCacheConfig()) -> tuple[str, int, int]:
     """(text, prompt tokens, completion tokens) of dj.generate on theta(lam) for this prompt alone."""
     prompt = chat_tokens(pair.tokenizers["thinking"], question)
     theta = dj.interpolate(pair.instruct, pair.thinking, lam)
-    row = dj.generate(theta, pair.cfg, [prompt], max_new_tokens=max_tokens).token_lists()[0]
+    row = dj.generate(theta, pair.cfg, [prompt], max_new_tokens=max_tokens, cache=cache).token_lists()[0]
     return pair.tokenizers["thinking"].decode(row, skip_special_tokens=True), len(prompt), len(row)
 
 
@@ -120,7 +122,7 @@ def test_a_key_is_required_when_set(server):
 def test_metrics_and_health(server):
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     for name in ("dami_queue_depth", "dami_busy_slots", "dami_generated_tokens_total", "dami_time_to_first_token_seconds_bucket",
-                 "dami_request_latency_seconds_count"):  # fmt: skip
+                 "dami_request_latency_seconds_count", 'dami_kv_cache_bytes{memory="device",state="in_use"}'):  # fmt: skip
         assert name in text, name
     assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
 
@@ -148,6 +150,31 @@ def _long_stream(server: Server, budget: int = 470):
 
 def _chunks(response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def test_a_tailorkv_server_answers_concurrent_requests_as_generate_does_alone(pair):
+    tailorkv = Server("--slots", "4", "--cache", "tailorkv-1", "--max-new-tokens", "40")
+    try:
+        assert "tailorkv-1 cache" in tailorkv.ready
+        client = tailorkv.client()
+
+        def ask(i: int):
+            return client.chat.completions.create(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[i]}],
+                                                  temperature=0, max_tokens=40, extra_body={"lambda": LAMBDAS[i]})  # fmt: skip
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+        layers = pair_quantized_layers(pair.paths, pair.cfg.num_layers)  # the toy pair's profiles: every layer dense
+        config = dataclasses.replace(dj.TAILORKV_1, quantized_layers=layers, group=pair.cfg.head_dim)  # 32: the toy's heads
+        for i, response in enumerate(answers):
+            assert response.choices[0].message.content == expected_text(pair, QUESTIONS[i], LAMBDAS[i], 40, config)[0]
+        device, host = (tailorkv.metric(f'dami_kv_cache_bytes{{memory="{memory}",state="allocated"}}') for memory in ("device", "host"))
+        assert host > device > 0  # 1-bit device KV; the full-precision prompts in host memory
+        too_long = httpx.post(f"{tailorkv.url}/v1/chat/completions", timeout=30, json={
+            "model": "dami-toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 41})  # fmt: skip
+        assert too_long.status_code == 400 and "limit of 40 tokens per answer" in too_long.json()["error"]["message"]
+    finally:
+        tailorkv.stop()
 
 
 def test_a_full_queue_gets_429_and_sigterm_drains():

@@ -1,136 +1,34 @@
-"""TailorKV against dense on a model whose attention is peaked on known far-back tokens.
-
-The model follows a linked list hidden in a long prompt: link token (i -> j) says "after node i
-comes node j". Every layer and KV head looks up, for the current node token i, the one link
-that starts at i, and adds the node it points to into an answer subspace of the residual
-stream; the head reads that subspace. Links sit far back (outside every preset's sink and
-recent windows), so the greedy continuation walks the cycle only if each layer retrieves the
-right token at every step: exactly what TailorKV's quantized (layer 0) and sparse (layers 1, 2)
-layers must do to reproduce dense.
+"""TailorKV against dense on a model whose attention is peaked on known far-back tokens
+(``peaked.py``): links sit far back (outside every preset's sink and recent windows), so the
+greedy continuation walks the cycle only if each layer retrieves the right token at every step:
+exactly what TailorKV's quantized (layer 0) and sparse (layers 1, 2) layers must do to
+reproduce dense.
 """
 
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from peaked import CFG, DEFAULT, LINKS_BEFORE_END, LINKS_FROM, linked_prompt, peaked_model, walk
 
 import dami_jax as dj
-from dami_jax.models.config import ModelConfig, RopeConfig
-from dami_jax.models.params import param_shapes
 from dami_jax.tailorkv import cache as tailorkv_cache
 from dami_jax.tailorkv.cache import TAILORKV_1, TAILORKV_2, select_channels, token_scores
-
-NODES = 4
-PAD, DEFAULT = 0, 1  # DEFAULT: what the model says when it cannot find the link
-NODE_TOKENS = 2 + np.arange(NODES)
-LINK_TOKENS = 2 + NODES + np.arange(NODES * NODES).reshape(NODES, NODES)  # [from, to]
-FIRST_FILLER = 2 + NODES + NODES * NODES
-# Residual-stream features.
-BIAS = 0
-NODE, FROM, TO, ANSWER = (1 + NODES * k + np.arange(NODES) for k in range(4))
-
-CFG = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=8, num_layers=3,
-                  num_heads=4, num_kv_heads=2, head_dim=64, rope=RopeConfig(theta=1e6),
-                  max_position_embeddings=4096, pad_token_id=PAD)  # fmt: skip
-NOISE = np.arange(1 + 4 * NODES, CFG.hidden_size)  # fillers' random features
-HALF = CFG.head_dim // 2
-# Channel of node i's lookup in KV head h: the slowest RoPE pairs (c, c + HALF). At theta = 1e6 the
-# fastest of them (c = 24) turns by 3.2e-5 rad per token, so a link 2000 tokens back keeps
-# cos(0.064) = 0.998 of its query-key product.
-LOOKUP_CHANNEL = HALF - 1 - np.arange(CFG.num_kv_heads)[:, None] * NODES - np.arange(NODES)[None, :]  # [Hkv, NODES]
-NOISE_CHANNELS = np.r_[: LOOKUP_CHANNEL.min(), HALF : HALF + LOOKUP_CHANNEL.min()]  # pairs free of lookups
-CONTRIBUTIONS = CFG.num_layers * CFG.num_heads  # one per (layer, query head)
-GAP = 35.0  # link logit minus every other one (at least): the link keeps all but ~2000 * e^-35 of the weight
-LOGIT_SCALE = 60.0
-
-
-def _normed(embedding: np.ndarray) -> float:
-    """RMSNorm's gain on a residual row (unit norm weights)."""
-    return float(1 / np.sqrt(np.mean(embedding**2) + CFG.rms_norm_eps))
-
-
-def peaked_model() -> dict:
-    """The params pytree (see the module docstring); MLPs are zero.
-
-    Per layer and query head (KV head h, node i): q = a at LOOKUP_CHANNEL[h, i] for node token i,
-    k = b there for links from i, zero elsewhere for both, so the link's logit is at least GAP
-    and every other key's is 0. Fillers' keys and values are random in channels no query reads.
-    A link's value is one-hot at channel j (its target); o maps channel j to ANSWER[j] so that
-    each (layer, query head) adds 1 / CONTRIBUTIONS there. The head scores node j by ANSWER[j]
-    and DEFAULT by BIAS * (1 - 1 / (2 * CONTRIBUTIONS)): node j wins only if every layer and head
-    found its link, and losing any one of them hands the token to DEFAULT.
-    """
-    rng = np.random.default_rng(0)
-    d, hd, hkv, rep = CFG.hidden_size, CFG.head_dim, CFG.num_kv_heads, CFG.q_per_kv
-    params = jax.tree.map(lambda shape: np.zeros(shape, np.float32), param_shapes(CFG),
-                          is_leaf=lambda x: isinstance(x, tuple))  # fmt: skip
-    embed = params["embed"]
-    embed[:, BIAS] = 1.0
-    embed[NODE_TOKENS, NODE] = 1.0
-    for i in range(NODES):
-        embed[LINK_TOKENS[i], FROM[i]] = 1.0
-        embed[LINK_TOKENS[i], TO] = 1.0  # link i -> j: TO[j]
-    embed[FIRST_FILLER:, NOISE] = rng.normal(size=(CFG.vocab_size - FIRST_FILLER, len(NOISE)))
-    # RMSNorm gains of a node (at the last layer: the answer holds 2/3 by then) and of a link.
-    node_gain = _normed(np.r_[1.0, 1.0, 2 / 3, np.zeros(d - 3)])
-    link_gain = _normed(np.r_[np.ones(3), np.zeros(d - 3)])
-    a = b = np.sqrt(GAP * np.sqrt(hd) / (node_gain * link_gain))
-    for layer in params["layers"]:
-        layer["attn_norm"][:] = layer["mlp_norm"][:] = 1.0
-        q = layer["attn"]["q"].reshape(d, CFG.num_heads, hd)  # views: writes land in the params
-        k, v = (layer["attn"][name].reshape(d, hkv, hd) for name in "kv")
-        for h in range(hkv):
-            for i in range(NODES):
-                q[NODE[i], h * rep : (h + 1) * rep, LOOKUP_CHANNEL[h, i]] = a
-                k[FROM[i], h, LOOKUP_CHANNEL[h, i]] = b
-            v[TO, h, np.arange(NODES)] = 1.0
-            k[NOISE[:, None], h, NOISE_CHANNELS] = rng.normal(scale=0.3, size=(len(NOISE), len(NOISE_CHANNELS)))
-            v[NOISE, h, NODES:] = rng.normal(scale=0.3, size=(len(NOISE), hd - NODES))
-        o = layer["attn"]["o"].reshape(CFG.num_heads, hd, d)
-        o[:, np.arange(NODES), ANSWER] = 1.0 / (CONTRIBUTIONS * link_gain)
-    params["final_norm"][:] = 1.0
-    params["lm_head"][ANSWER, NODE_TOKENS] = LOGIT_SCALE
-    params["lm_head"][BIAS, DEFAULT] = LOGIT_SCALE * (1 - 1 / (2 * CONTRIBUTIONS))
-    return jax.tree.map(jnp.asarray, params)
-
 
 PARAMS = peaked_model()
 # More than the quantized layer's 128-token residual: generated tokens get quantized mid-decode.
 NEW_TOKENS = 136
-# Links live in [LINKS_FROM, length - LINKS_BEFORE_END) of each row: outside every preset's sink
-# and recent windows, and past TailorKV-2's sink + top-k (64 + 896) slots, so that a retrieval
-# whose scores carry no information (all tied, where lax.top_k takes the lowest slots) misses them.
-LINKS_FROM, LINKS_BEFORE_END = 1000, 100
+# The default link span [LINKS_FROM, length - LINKS_BEFORE_END) of each row lies outside every
+# preset's sink and recent windows, and past TailorKV-2's sink + top-k (64 + 896) slots, so that a
+# retrieval whose scores carry no information (all tied, where lax.top_k takes the lowest slots) misses them.
 # Two rows of different lengths (left padding, 2048 prefill slots), different cycles and starts:
 # ((length, successor of each node, start node), seed).
 ROWS = [((2000, [2, 0, 3, 1], 0), 1), ((1800, [3, 2, 1, 0], 1), 2)]
 
 
-def linked_prompt(length: int, successor: list[int], start: int, seed: int, links: bool = True) -> list[int]:
-    """Fillers, the links i -> successor[i] in random order over the far part of the prompt, and
-    node ``start`` as the last token. ``links=False``: fillers in their places."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(FIRST_FILLER, CFG.vocab_size, length)
-    slots = np.linspace(LINKS_FROM, length - LINKS_BEFORE_END, NODES).astype(int)
-    if links:
-        tokens[rng.permutation(slots)] = LINK_TOKENS[np.arange(NODES), successor]
-    tokens[-1] = NODE_TOKENS[start]
-    return tokens.tolist()
-
-
 def prompts(links: bool = True) -> list[list[int]]:
     return [linked_prompt(*spec, seed=seed, links=links) for spec, seed in ROWS]
-
-
-def walk(successor: list[int], start: int, steps: int) -> list[int]:
-    """The node tokens after ``start`` along the cycle."""
-    node, tokens = start, []
-    for _ in range(steps):
-        node = successor[node]
-        tokens.append(int(NODE_TOKENS[node]))
-    return tokens
 
 
 def run(cache, rows=None) -> dj.Generation:

@@ -100,7 +100,7 @@ def test_quantized_store_and_ring_follow_the_reference_schedule():
     keys, values = np.asarray(layer.keys.dequantize()), np.asarray(layer.values.dequantize())
     key_scale = np.repeat(np.asarray(layer.keys.scale), config.group, axis=2)
     value_scale = np.repeat(np.asarray(layer.values.scale), config.group, axis=3)
-    for row, first in enumerate(np.asarray(tkv.start)):
+    for row, first in enumerate(np.asarray(start)):
         k_row = np.asarray(dense.k[0])[row, :, first : int(dense.length)]
         v_row = np.asarray(dense.v[0])[row, :, first : int(dense.length)]
         n = k_row.shape[1]
@@ -147,7 +147,7 @@ def test_left_padding_never_changes_quantization():
 
     def assert_same_real_tokens(a, b):
         la, lb = a.layers[0], b.layers[0]
-        tokens = int(a.length - a.start[0])
+        tokens = int(a.length[0])
         keys_final = tokens // config.residual * config.residual  # whole R-blocks
         for name, final, groups in [("keys", keys_final, keys_final // config.group), ("values", tokens, tokens)]:
             qa, qb = getattr(la, name), getattr(lb, name)
@@ -161,7 +161,7 @@ def test_left_padding_never_changes_quantization():
     alone, padded = prefilled(0), prefilled(37)
     assert_same_real_tokens(alone, padded)
     (alone, out_alone), (padded, out_padded) = decoded(alone), decoded(padded)
-    assert int(alone.length) >= 192  # a key flush happened
+    assert int(alone.length[0]) >= 192  # a key flush happened
     assert_same_real_tokens(alone, padded)
     np.testing.assert_array_equal(out_alone, out_padded)
 
@@ -170,14 +170,15 @@ def test_sparse_prompt_kv_lives_in_host_memory_and_device_bytes_shrink():
     tokens, start, size = prepare_prompts(prompts(900), CFG, max_new_tokens=32)
     _, dense = build_cache(PARAMS, tokens, start, cfg=CFG, cache_size=size)
     _, tkv = build_cache(PARAMS, tokens, start, cfg=CFG, cache_size=size, cache_config=TAILORKV_1)
-    sparse: SparseLayerCache = tkv.layers[1]
-    assert sparse.k_host.sharding.memory_kind == "pinned_host"
-    assert sparse.kt_host.shape == (1, CFG.num_kv_heads, CFG.head_dim, 928)  # 900 tokens left-padded to a multiple of 32
-    assert sparse.k_window.sharding.memory_kind == "device"
+    assert isinstance(tkv.layers[1], SparseLayerCache)
+    store = tkv.prompts[1]
+    assert store.k.sharding.memory_kind == store.kt.sharding.memory_kind == "pinned_host"
+    assert store.kt.shape == (1, CFG.num_kv_heads, CFG.head_dim, 1024)  # 900 tokens, row-local, in whole 512-token blocks
+    assert tkv.layers[1].k_window.sharding.memory_kind == "device"
     (dense_device, dense_host), (tkv_device, tkv_host) = cache_bytes(dense), cache_bytes(tkv)
     assert tkv_device * 3 < dense_device
-    sparse_layers = [layer for layer in tkv.layers if isinstance(layer, SparseLayerCache)]
-    assert dense_host == 0 and tkv_host == sum(3 * layer.k_host.nbytes for layer in sparse_layers)  # k, v, k transposed
+    stored = [3 if isinstance(layer, SparseLayerCache) else 2 for layer in tkv.layers]  # k, v (and k transposed)
+    assert dense_host == 0 and tkv_host == sum(n * store.k.nbytes for n, store in zip(stored, tkv.prompts))
 
 
 def test_cache_costs_plot(tmp_path):
@@ -230,7 +231,7 @@ def test_token_score_defaults_to_the_reference_and_reaches_the_sparse_layers():
     outs = []
     for mode in ("group_mean", "head_max"):
         cache = dataclasses.replace(tight, token_score=mode).after_prefill(CFG, dense, 300)
-        outs.append(np.asarray(cache._attend_sparse(cache.layers[1], q, k_new, v_new, channels)[0]))
+        outs.append(np.asarray(cache._attend_sparse(cache.layers[1], cache.prompts[1], q, k_new, v_new, channels)[0]))
     assert not np.allclose(*outs)
 
 
