@@ -115,11 +115,11 @@ def budgets(req: ChatRequest | CompletionRequest, prompts: list[list[int]], cont
         if room < (0 if asked == 0 else 1):
             raise RequestError(f"{'messages' if chat else 'prompt'}: {len(prompt)} tokens leave no room in the context of "
                                f"{context} tokens per request", "messages" if chat else "prompt", "context_length_exceeded")  # fmt: skip
-        if asked is not None and asked > most:
-            raise RequestError(f"{field}: {asked} tokens exceed this server's limit of {most} tokens per answer", field)
-        room = min(room, most) if room >= 1 else room
         if asked is not None and asked > room:
             raise RequestError(f"{field}: {asked} tokens after the prompt's {len(prompt)} exceed the context of {context} "
                                "tokens per request", field, "context_length_exceeded")  # fmt: skip
+        if asked is not None and asked > most:
+            raise RequestError(f"{field}: {asked} tokens exceed this server's limit of {most} tokens per answer", field)
+        room = min(room, most)
         out.append(asked if asked is not None else (room if chat else min(COMPLETION_DEFAULT_TOKENS, room)))
     return out
