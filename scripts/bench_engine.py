@@ -26,7 +26,7 @@ greedy, measured in one run. Every workload runs once to compile, then once time
 5. ``steps`` (not run by default; the GPU check's, with ``--dtype bfloat16``): decode step times at
    ``max_len`` 8192 and 32768 (SmolLM2's shapes, its context stretched), every slot busy with rows
    1024 tokens long or nearly full: slot 0 alone and all slots, per decode attention (XLA, and on
-   a GPU the Pallas kernel).
+   a GPU the Pallas kernel), and with ``--step-caches dense tailorkv-1`` on TailorKV slots too.
 """
 
 from __future__ import annotations
@@ -50,13 +50,18 @@ from dami_jax.engine.cache import RowLayout
 from dami_jax.engine.engine import Engine, EngineStats
 from dami_jax.engine.requests import Request
 from dami_jax.engine.scheduler import DecodePlan, PackPlan, Plan, Running
+from dami_jax.evals.calibration import quantized_layers_or_profile
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.router_data import mix_problems
 from dami_jax.evals.router_training import router_features
 from dami_jax.evals.sweep import DEFAULT_LAMBDAS
 from dami_jax.models.pinned import smollm2_checkpoint
 from dami_jax.models.tokenizer import chat_tokens, load_tokenizer
+from dami_jax.tailorkv.cache import PRESETS
 from dami_jax.toy.evaluation import toy_problems
+
+CACHE_PRESETS = {"tailorkv-1": "TailorKV-1", "tailorkv-2": "TailorKV-2"}  # --step-caches -> dami_jax.tailorkv.cache.PRESETS
+STEP_NEW_TOKENS = 256  # the steps workload's TailorKV engines admit answers this long
 
 
 
@@ -196,7 +201,7 @@ def decoding_engine(pair: ModelPair, slots: int, max_len: int, prompt: Sequence[
     """An engine whose first ``busy`` slots decode ``prompt`` (no stop ids, budgets that last)."""
     engine = Engine(pair, slots=slots, max_len=max_len, **options)
     for _ in range(busy):
-        engine.submit(prompt, max_new_tokens=max_len - len(prompt) - 64, stop_tokens=[])
+        engine.submit(prompt, max_new_tokens=min(max_len - len(prompt), engine.max_new_tokens + 1) - 64, stop_tokens=[])
     while any(r is not None and r.prefilling for r in engine.scheduler.table) or engine.waiting:
         engine.step()
     engine.step()
@@ -287,21 +292,38 @@ def smollm2(args: argparse.Namespace) -> None:
     step_costs(one_model, args.slots, max_len)
 
 
+def step_caches(pair: ModelPair, names: Sequence[str]) -> dict[str, dict]:
+    """Engine options per ``--step-caches`` name: each decode attention for dense (XLA, and on a
+    GPU the Pallas kernel); TailorKV presets on the model's layer split, their device store of
+    generated tokens sized for ``STEP_NEW_TOKENS``."""
+    options = {}
+    for name in names:
+        if name == "dense":
+            options.update({kernel: dict(kernel=kernel) for kernel in (("xla", "pallas") if jax.default_backend() == "gpu" else ("xla",))})
+        else:
+            layers = quantized_layers_or_profile(pair.paths["instruct"], pair.cfg.num_layers)
+            config = dataclasses.replace(PRESETS[CACHE_PRESETS[name]], quantized_layers=layers)
+            options[name] = dict(cache=config, max_new_tokens=STEP_NEW_TOKENS)
+    return options
+
+
 def steps(args: argparse.Namespace) -> None:
     """Decode step times of the engine at large ``max_len`` (8k, 32k: the GPU check's rows)."""
-    kernels = ("xla", "pallas") if jax.default_backend() == "gpu" else ("xla",)
     for max_len in args.step_max_lens:
         pair = smollm2_pair(args.dtype, context=max_len)
         rng = np.random.default_rng(args.seed)
         print(f"\nengine decode step, SmolLM2-135M shapes, {args.dtype}, {args.slots} slots busy, max_len {max_len}: "
               f"ms per step of slot 0 alone (rows bucket 1) / of all slots")  # fmt: skip
-        for length in (1024, max_len - 256):
+        for length in (1024, max_len - 2 * STEP_NEW_TOKENS):
             tokens = rng.integers(0, pair.cfg.vocab_size, length).tolist()
-            for kernel in kernels:
-                engine = decoding_engine(pair, args.slots, max_len, tokens, args.slots, kernel=kernel, prefill_chunk=2048)
+            base = None
+            for name, options in step_caches(pair, args.step_caches).items():
+                engine = decoding_engine(pair, args.slots, max_len, tokens, args.slots, prefill_chunk=2048, **options)
                 lone, full = (call_ms(engine, decode_plan(engine, rows, 0.0)) for rows in (1, args.slots))
-                print(f"  {kernel:<6} rows at {length:6d} live tokens: {lone:8.2f} / {full:8.2f} ms "
-                      f"({args.slots / full * 1e3:8.1f} tok/s with every slot busy)")  # fmt: skip
+                base = base or full
+                print(f"  {name:<10} rows at {length:6d} live tokens: {lone:8.2f} / {full:8.2f} ms "
+                      f"({args.slots / full * 1e3:8.1f} tok/s with every slot busy; {full / base:.2f}x the first)")  # fmt: skip
+                del engine  # one engine's cache at a time
 
 
 def one_stream(engine: Engine, prompt: Sequence[int], new: int) -> list:
@@ -356,6 +378,8 @@ def main() -> None:
     parser.add_argument("--live-tokens", type=int, default=128, help="new tokens of part 4's stream")
     parser.add_argument("--step-max-lens", type=int, nargs="+", default=[8192, 32768], help="max_len of the steps workload")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights of the steps workload")
+    parser.add_argument("--step-caches", nargs="+", choices=("dense", *CACHE_PRESETS), default=["dense"],
+                        help="the steps workload's caches (TailorKV: the model's layer split)")
     parser.add_argument("--workloads", nargs="+", choices=("toy", "smollm2", "live", "steps"), default=["toy", "smollm2", "live"],
                         help="which workloads to run (toy: parts 1-2; smollm2: part 3; live: part 4; steps: step times "
                              "at --step-max-lens, the GPU check's)")  # fmt: skip

@@ -161,6 +161,22 @@ def test_sweep_resumes_refuses_other_settings_and_starts_fresh(capsys, tmp_path)
     assert all(json.loads(line)["output_tokens"] <= 8 for line in (out / "records.jsonl").read_text().splitlines())
 
 
+def test_sweep_on_tailorkv_slots_keeps_its_answers_apart_from_dense_ones(capsys, tmp_path):
+    dense, tailorkv = tmp_path / "dense", tmp_path / "tailorkv"
+    assert run(capsys, *SMALL_SWEEP, "--out", str(dense))[0] == 0
+    code, out, _ = run(capsys, *SMALL_SWEEP, "--cache", "tailorkv-1", "--out", str(tailorkv))
+    assert code == 0 and "lambda  accuracy" in out and len((tailorkv / "records.jsonl").read_text().splitlines()) == 12
+    stored = json.loads((tailorkv / "settings.json").read_text())["cache"]
+    assert stored["bits"] == 1 and stored["quantized_layers"] == [0, 1, 2, 3]  # the toy pair's profiles: every layer dense
+    assert_user_error(*run(capsys, *SMALL_SWEEP, "--cache", "tailorkv-1", "--out", str(dense))[::2], "cache", "--fresh")
+    assert_user_error(*run(capsys, *SMALL_SWEEP, "--out", str(tailorkv))[::2], "cache", "--fresh")
+    settings = json.loads((dense / "settings.json").read_text())
+    del settings["cache"]  # a folder from before caches were recorded: its answers are dense
+    (dense / "settings.json").write_text(json.dumps(settings))
+    assert_user_error(*run(capsys, *SMALL_SWEEP, "--cache", "tailorkv-1", "--out", str(dense))[::2], "cache: none stored")
+    assert run(capsys, *SMALL_SWEEP, "--out", str(dense))[0] == 0  # and dense runs still resume there
+
+
 @pytest.mark.slow  # compiles the 30-layer SmolLM2 for prefill and decode
 @pytest.mark.parametrize("name", sorted(PINNED_PAIRS))
 def test_sweep_on_a_pinned_pair_by_name(capsys, tmp_path, smollm2_path, name):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -10,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from dami_jax.cli.common import (
-    MIXES, ROUTERS, TRACES, Command, Interrupted, UsageError, add_benchmark, add_models, add_pair, add_style, check_lambdas,
-    check_pair_args, fraction, keeps, nonnegative_float, nonnegative_int, open_fraction, out_folder, pair_from,
-    positive_float, positive_int, prompt_style, sampling_from, start_fresh,
+    MIXES, ROUTERS, TRACES, Command, Interrupted, UsageError, add_benchmark, add_cache, add_models, add_pair, add_style,
+    check_lambdas, check_pair_args, fraction, keeps, nonnegative_float, nonnegative_int, open_fraction, out_folder,
+    pair_cache_config, pair_from, positive_float, positive_int, prompt_style, sampling_from, start_fresh,
 )
 from dami_jax.evals.records import ResultsFolder
 
@@ -47,11 +48,17 @@ def _problems(args: argparse.Namespace):
 
 def _claim_settings(out: Path, fresh: bool, settings: dict[str, Any]) -> None:
     """--fresh moves earlier results aside; otherwise other settings are refused before the pair
-    loads (the models' hashes are checked after)."""
+    loads (the models' hashes, and a TailorKV cache, whose split comes from the models' layer
+    profiles, are checked after)."""
     if fresh:
         start_fresh(out)
     else:
-        ResultsFolder(out).check(settings)
+        ResultsFolder(out).check({k: v for k, v in settings.items() if k != "cache"})
+
+
+def _with_cache(config, args: argparse.Namespace, pair):
+    """The sweep settings with --cache resolved for the loaded pair."""
+    return dataclasses.replace(config, cache=pair_cache_config(args.cache, pair))
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -65,6 +72,7 @@ def _sweep(args: argparse.Namespace) -> None:
     _claim_settings(out, args.fresh, config.settings())
     problems = _problems(args)
     pair = pair_from(args)
+    config = _with_cache(config, args, pair)
     with keeps("answers", out / RECORDS_FILE):
         records = run_sweep(pair, problems, out, config)
     points = sweep_points(records)
@@ -191,6 +199,7 @@ def _route_eval(args: argparse.Namespace) -> None:
     if not problems:
         raise UsageError("no evaluation problems: every problem is on the router-training side; use more problems")
     pair = pair_from(args)
+    evaluation = dataclasses.replace(evaluation, sweep=_with_cache(config, args, pair))
     started = time.perf_counter()
     with keeps("answers", out / "sweep" / RECORDS_FILE, out / SIGNALS_FILE, out / ROUTED_FILE):
         report = route_eval(pair, problems, out, routers, evaluation)
@@ -212,6 +221,7 @@ def register(command: Command) -> None:
     sweep = command("sweep", "answer a benchmark across a lambda grid; table + Pareto frontier plot", _sweep)
     add_pair(sweep, "runs/sweep")
     add_benchmark(sweep)
+    add_cache(sweep)
     sweep.add_argument("--fresh", action="store_true", help="move earlier results in --out aside and start over")
 
     diag = command("diagnose", "representation continuity (CKA) and loss barrier along the path", _diagnose)
@@ -246,6 +256,7 @@ def register(command: Command) -> None:
     route.add_argument("--router", action="append", required=True, metavar="DIR|conf|oracle",
                        help="a train-router folder (DAMI-Pref), conf (DAMI-Conf) or oracle; repeat for several")  # fmt: skip
     add_benchmark(route)
+    add_cache(route)
     route.add_argument("--mix", choices=MIXES, default="all", help="toy: weight the difficulty levels (uniform 1:1:..., easy-heavy 4:2:1:1:1:1)")
     route.add_argument("--size", type=positive_int, metavar="N", default=300, help="problems in a --mix")
     route.add_argument("--cost-weight", type=nonnegative_float, metavar="X", default=0.0, help="DAMI-Pref: trade accuracy for tokens")

@@ -263,7 +263,7 @@ def route_eval(
         settings.update({"dami-pref": _router_digest(pref_dirs[0]), "cost_weight": config.cost_weight})
     if "conf" in map(str, routers):
         settings.update({"dami-conf": dataclasses.asdict(config.conf_map), "max_draft_tokens": config.max_draft_tokens})
-    folder.claim(settings)
+    folder.claim(settings, config.sweep.required)
     run = _Evaluation(pair, problems, folder, config, progress)
     results = [*run.baselines(), run.oracle()]
     sensitivity = None

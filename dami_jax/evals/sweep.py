@@ -4,7 +4,8 @@ Records go to ``records.jsonl`` in a results folder as each batch finishes; reru
 same folder skips finished (lambda, problem) pairs, so an interrupted sweep resumes where it
 stopped, and a grown grid (more lambdas, more problems) only runs what is new. The folder's
 ``settings.json`` pins everything else that changes a record (both models' content hashes,
-template, prompt style, sampling, seed, token budget, dtype): other settings are refused, not mixed in.
+template, prompt style, sampling, seed, token budget, dtype, KV cache): other settings are
+refused, not mixed in.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dami_jax.dami.pair import TEMPLATES, ModelPair, template_for
+from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
 from dami_jax.decoding.generation import PROMPT_BUCKET
 from dami_jax.decoding.sampling import GREEDY, Sampling
 from dami_jax.engine.engine import Engine
@@ -26,6 +28,7 @@ from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.grid import run_grid
 from dami_jax.evals.prompts import prompt_tokens
 from dami_jax.evals.records import ResultsFolder, StaleResultsError
+from dami_jax.tailorkv.cache import TailorKVConfig
 
 DEFAULT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
 STYLES = ("boxed", "toy")
@@ -43,6 +46,7 @@ class SweepConfig:
     style: str = "boxed"  # prompt style (dami_jax.evals.prompts.math_prompt): "boxed", or "toy" for the toy pair
     extrapolate: bool = False  # allow lambdas outside [0, 1]
     benchmark: str = "custom"  # the problem set's name, recorded with the results (ids key the records)
+    cache: CacheConfig = DenseCacheConfig()  # each engine slot's cache: dense, or a TailorKVConfig
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -62,10 +66,18 @@ class SweepConfig:
 
     def settings(self) -> dict[str, Any]:
         """What changes a record besides the models (the lambda grid and batch size do not)."""
+        cache = dataclasses.asdict(self.cache) if isinstance(self.cache, TailorKVConfig) else "dense"
         return {
             "benchmark": self.benchmark, "template": self.template, "style": self.style,
             "max_new_tokens": self.max_new_tokens, "seed": self.seed, "sampling": dataclasses.asdict(self.sampling),
+            "cache": cache,
         }  # fmt: skip
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Settings a results folder must have recorded (:meth:`ResultsFolder.check`): a folder
+        made before caches were recorded holds dense answers, which a TailorKV run must not join."""
+        return () if isinstance(self.cache, DenseCacheConfig) else ("cache",)
 
 
 def pair_settings(pair: ModelPair) -> dict[str, Any]:
@@ -87,7 +99,9 @@ def sweep_engine(pair: ModelPair, prompts: Iterable[Sequence[int]], config: Swee
     enough for the longest of ``prompts`` and the token budget."""
     longest = max((len(p) for p in prompts), default=1)
     max_len = min(pair.cfg.max_position_embeddings, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET + config.max_new_tokens)
-    return Engine(pair, slots=config.batch_size, max_len=max_len, extrapolate=config.extrapolate, admission=admission)
+    tailorkv = isinstance(config.cache, TailorKVConfig)  # its slots' store of generated tokens holds the budget
+    return Engine(pair, slots=config.batch_size, max_len=max_len, extrapolate=config.extrapolate, admission=admission,
+                  cache=config.cache, max_new_tokens=config.max_new_tokens if tailorkv else None)  # fmt: skip
 
 
 def _key(record: dict[str, Any]) -> tuple[float, str]:
@@ -110,7 +124,7 @@ def run_sweep(
     if len(set(ids)) != len(ids):
         raise ValueError("problems: ids must be unique (they key the resumable log)")
     folder = ResultsFolder(out_dir)
-    folder.claim({**config.settings(), **pair_settings(pair)})
+    folder.claim({**config.settings(), **pair_settings(pair)}, config.required)
     log = folder.log(RECORDS_FILE)
     by_id = {p.id: p for p in problems}
     hashes = {p.id: problem_hash(p) for p in problems}

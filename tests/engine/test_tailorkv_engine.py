@@ -107,7 +107,7 @@ def test_without_the_links_the_answer_is_the_default():  # the stream's check ca
     [
         (dict(cache=TailorKVConfig(quantized_layers=(5,))), r"cache: quantized_layers: \[5\] outside the model's 3 layers"),
         (dict(cache=TailorKVConfig(num_channels=65)), "cache: num_channels=65 exceeds head_dim=64"),
-        (dict(cache=dj.TAILORKV_2, max_len=1000), "cache: TailorKV's budget of 1024 tokens .* not below the engine's context of 1000"),
+        (dict(cache=dj.TAILORKV_2, max_len=500), r"cache: TailorKV's top-k of 896 tokens is more than a slot's prompt store holds \(512 tokens"),
         (dict(cache=dj.TAILORKV_1, max_len=512, max_new_tokens=512), "max_new_tokens: 512 leaves no room for a prompt"),
         (dict(cache="tailorkv-1"), "cache: the engine takes dj.DenseCacheConfig"),
     ],
