@@ -40,7 +40,7 @@ STEPS=(
     "bench_tailorkv 90 scripts/bench_tailorkv.py --dtype bfloat16 --skip-quanto --hf-dense"
     "bench_interpolate 30 scripts/bench_interpolate.py"
     "bench_decode 75 scripts/bench_decode.py --dtype bfloat16 --repeats 2"
-    "bench_engine 150 scripts/bench_engine.py --workloads steps --dtype bfloat16"
+    "bench_engine 180 scripts/bench_engine.py --workloads steps --dtype bfloat16 --step-caches dense tailorkv-1"
 )
 STANDIN=scripts/smollm2_standin.py
 
