@@ -101,7 +101,9 @@ class Runtime:
             rows = SlotTailorKVCache.create(pair.cfg, cache, slots, max_len, max_new_tokens or max_len - 1, dtype)
         else:
             rows = SlotKVCache.create(pair.cfg, slots, max_len, dtype, layout, kernel)
-        self.state = SlotState.create(rows, max_stop_tokens)
+        # Committed to their shardings (memory kinds included) from the start: every call, warm-up
+        # first, then sees the argument shardings that the calls' outputs carry, so none recompiles.
+        self.state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), SlotState.create(rows, max_stop_tokens))
         self.thetas = ThetaCache(pair, theta_cache, extrapolate)
         self.stats = EngineStats(slots)
 

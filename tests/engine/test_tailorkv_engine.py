@@ -122,3 +122,18 @@ def test_a_request_past_the_generated_tokens_store_is_refused_alone():
     with pytest.raises(InputError, match="max_new_tokens: 17 is more than the engine's max_new_tokens=16"):
         engine.submit(STREAM[0]["prompt"], max_new_tokens=17)
     assert engine.idle and jax.tree.leaves(engine.runtime.state.cache)
+
+
+@pytest.mark.slow
+def test_no_compilation_after_warmup_on_tailorkv_slots():
+    engine = Engine(PAIR, slots=4, max_len=MAX_LEN, max_new_tokens=max(BUDGETS), cache=dj.TAILORKV_1)
+    engine.warmup()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+    rows = STREAM[:10]
+    for r in rows:
+        engine.submit(r["prompt"], lam=r["lam"], max_new_tokens=r["max_new_tokens"], stop_tokens=[])
+    assert [result.tokens for result in engine.run()] == [r["answer"] for r in rows]
+    assert engine.stats.mixed_steps > 0 and compiles == []
