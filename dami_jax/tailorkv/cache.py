@@ -389,7 +389,7 @@ class TailorKVCache:
     prompts: tuple  # per layer: PromptStore
     length: jax.Array  # int32 [R]: tokens held per row (prompt + generated)
     prompt_len: jax.Array  # int32 [R]: the row's prompt tokens (set when the row starts)
-    active: jax.Array  # bool [R]: rows a decode step serves; the others neither advance nor read host memory for themselves
+    active: jax.Array  # bool [R]: rows a decode step serves; the others neither advance nor lengthen the prompt read (their rows still ride along in the batch's host reads)
     config: TailorKVConfig = flax.struct.field(pytree_node=False)
     kernel: str = flax.struct.field(pytree_node=False, default="xla")  # resolved: "xla", "pallas" or "triton"
 
