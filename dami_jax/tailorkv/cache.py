@@ -58,7 +58,7 @@ from dami_jax.tailorkv.quant_attention import quantized_attention
 from dami_kernels import decode_attention as pallas_attention
 from dami_kernels import quant_attention as pallas_quant
 from dami_kernels import sparse_scores as pallas_scores
-from dami_kernels.blocks import unsupported
+from dami_kernels.blocks import Segment, unsupported
 from dami_kernels.packing import BIT_WIDTHS, QuantizedKeys, QuantizedValues, check_quant_config
 
 TOKEN_SCORES = pallas_scores.MODES  # the kernel and the reference rank tokens the same ways
@@ -539,8 +539,9 @@ class TailorKVCache:
         segments = [(state.k_window, state.v_window, window_mask)]  # (k, v [B, Hkv, S, hd], mask [B, Hkv, S])
         if self.config.top_k:
             segments.append(self._top_k_tokens(store, q, channels))
-        segments.append((k_gen, v_gen, jnp.broadcast_to(jnp.arange(k_gen.shape[2]) <= generated[:, None, None], (b, hkv, k_gen.shape[2]))))
-        return self._attend_segments(q, segments), state.replace(k_gen=k_gen, v_gen=v_gen)
+        live = generated + 1  # the generated tokens, this one included
+        gen_mask = jnp.broadcast_to(jnp.arange(k_gen.shape[2]) < live[:, None, None], (b, hkv, k_gen.shape[2]))
+        return self._attend_segments(q, segments, (k_gen, v_gen, gen_mask), live), state.replace(k_gen=k_gen, v_gen=v_gen)
 
     def _top_k_tokens(self, store: PromptStore, q: jax.Array, channels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(k, v [B, Hkv, top_k, hd], mask [B, Hkv, top_k]) of each row's top-k prompt tokens by
@@ -588,10 +589,16 @@ class TailorKVCache:
         return pallas_scores.token_scores(q_channels, channel_rows, self.config.token_score,
                                           interpret=jax.default_backend() == "cpu")  # fmt: skip
 
-    def _attend_segments(self, q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-        """Attention over the sparse layer's segments (window, top-k rows, generated tokens)."""
+    def _attend_segments(self, q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array]],
+                         generated: tuple[jax.Array, jax.Array, jax.Array], live: jax.Array) -> jax.Array:  # fmt: skip
+        """Attention over the sparse layer's segments (window, top-k rows) and its ``generated``
+        tokens (k, v, mask), the first ``live`` [B] of them visible. The kernels read only those
+        (their blocks past a row's length are never loaded); XLA reads the store whole."""
         if self.kernel != "xla":
-            return pallas_attention.segment_attention(q, segments, interpret=jax.default_backend() == "cpu")
+            k_gen, v_gen, _ = generated
+            return pallas_attention.segment_attention(q, [*segments, Segment(k_gen, v_gen, None, live)],
+                                                      interpret=jax.default_backend() == "cpu")  # fmt: skip
+        segments = [*segments, generated]
         dtype = segments[-1][0].dtype
         keys = jnp.concatenate([k.astype(dtype) for k, _, _ in segments], axis=2)
         values = jnp.concatenate([v.astype(dtype) for _, v, _ in segments], axis=2)
