@@ -52,7 +52,8 @@ from dami_jax.engine.scheduler import ADMISSIONS, MIN_PACK, Scheduler
 from dami_jax.engine.tailorkv_slots import tailorkv_slot_bytes
 from dami_jax.errors import InputError
 from dami_jax.models.params import Params
-from dami_jax.tailorkv.cache import TailorKVConfig, prompt_capacity
+from dami_jax.tailorkv.cache import TailorKVConfig
+from dami_jax.tailorkv.prompt_store import prompt_capacity
 
 __all__ = ["Engine", "EngineStats", "Result", "TokenEvent"]
 
@@ -140,9 +141,9 @@ class Engine:
         if max_new_tokens is not None and max_new_tokens >= self.context:
             raise InputError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in the engine's context of "
                              f"{self.context} tokens per request")  # fmt: skip
-        if isinstance(cache, TailorKVConfig) and cache.top_k > prompt_capacity(self.context, cache):
+        if isinstance(cache, TailorKVConfig) and cache.top_k > prompt_capacity(self.context, cache.residual):
             raise InputError(f"cache: TailorKV's top-k of {cache.top_k} tokens is more than a slot's prompt store holds "
-                             f"({prompt_capacity(self.context, cache)} tokens for a context of {self.context}): lower the "
+                             f"({prompt_capacity(self.context, cache.residual)} tokens for a context of {self.context}): lower the "
                              "budget, raise max_len, or use the dense cache")  # fmt: skip
         self.limits = RequestLimits(cfg, self.context, max_stop_tokens, extrapolate, max_new_tokens)
         self.scheduler = Scheduler(self.slots, prefill_chunk=prefill_chunk, steps_per_call=steps_per_call, admission=admission)

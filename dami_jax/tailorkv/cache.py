@@ -29,9 +29,8 @@ once its prompt is complete (:meth:`TailorKVCache.start_rows`). Then:
   reference code: the group-mean query at the chosen channels) or ``"head_max"`` (ours: each
   query head's partial dot product, max over the group).
 
-Host memory inside jit: a gather cannot mix memory spaces, so reads and writes of the prompt
-stores run on the host (``compute_on("device_host")``) and only their results cross to the
-device. Per sparse layer, decoding row and step that moves Hkv * (num_channels * P + 2 * top_k
+The prompt stores and their host-side reads and writes: :mod:`~dami_jax.tailorkv.prompt_store`;
+the layers' state: :mod:`~dami_jax.tailorkv.layers`. Per sparse layer, decoding row and step that moves Hkv * (num_channels * P + 2 * top_k
 * hd) elements for a prompt of P tokens (:func:`bytes_moved_per_step`). Prefill runs in full
 precision (as the paper does); :meth:`TailorKVConfig.after_prefill` builds this cache from
 :func:`dami_jax.generate`'s dense, left-padded prefill.
@@ -41,24 +40,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental.compute_on import compute_on
 
 from dami_jax.decoding.cache import DenseKVCache, replace_layer, write_slots
-from dami_jax.models.attention import attention, attention_over_reads
+from dami_jax.models.attention import attention_over_reads
 from dami_jax.models.config import ModelConfig
+from dami_jax.tailorkv.kernel_choice import quantized_attention_by, segment_attention_by
+from dami_jax.tailorkv.layers import (
+    QuantizedLayerCache, SparseLayerCache, gather_tokens, ring_slots, select_channels, serve_dequantized, start_quantized, start_sparse,
+    token_scores,
+)
+from dami_jax.tailorkv.prompt_store import PROMPT_BLOCK, PromptStore, host_zeros, prompt_capacity, row_local
 from dami_jax.tailorkv.quant import quantize_keys, quantize_values
-from dami_jax.tailorkv.quant_attention import quantized_attention
-from dami_kernels import decode_attention as pallas_attention
-from dami_kernels import quant_attention as pallas_quant
 from dami_kernels import sparse_scores as pallas_scores
-from dami_kernels.blocks import Segment, unsupported
+from dami_kernels.blocks import unsupported
 from dami_kernels.packing import BIT_WIDTHS, QuantizedKeys, QuantizedValues, check_quant_config
 
 TOKEN_SCORES = pallas_scores.MODES  # the kernel and the reference rank tokens the same ways
@@ -118,6 +116,11 @@ class TailorKVConfig:
     def top_k(self) -> int:
         return self.budget - self.sink - self.recent
 
+    @property
+    def quantize_options(self) -> dict:
+        """quantize_keys' / quantize_values' keywords."""
+        return dict(bits=self.bits, group=self.group, scale_dtype=jnp.dtype(self.scale_dtype))
+
     def validate(self, cfg: ModelConfig) -> None:
         check_quant_config(self.bits, self.group, cfg.head_dim)
         bad = [i for i in self.quantized_layers if not 0 <= i < cfg.num_layers]
@@ -153,7 +156,7 @@ class TailorKVConfig:
         cache = TailorKVCache.create(cfg, self, rows, prompt_len, dense.size - prompt_len,
                                      dense.k[0].dtype, max_len=dense.size, zeros=jnp.zeros)  # fmt: skip
         prompts = tuple(
-            store.filled(_row_local(k, dense.start, store.capacity), _row_local(v, dense.start, store.capacity), self.offload)
+            store.filled(row_local(k, dense.start, store.capacity), row_local(v, dense.start, store.capacity), self.offload)
             for store, k, v in zip(cache.prompts, dense.k, dense.v)
         )  # fmt: skip
         count = prompt_len - dense.start
@@ -164,218 +167,6 @@ class TailorKVConfig:
 TAILORKV_1 = TailorKVConfig(bits=1, budget=192, sink=8, recent=56, num_channels=8)
 TAILORKV_2 = TailorKVConfig(bits=2, budget=1024, sink=64, recent=64, num_channels=12)
 PRESETS = {"TailorKV-1": TAILORKV_1, "TailorKV-2": TAILORKV_2}
-
-
-PROMPT_BLOCK = 512  # prompt tokens a sparse layer scores per loop step; prompt stores hold whole blocks
-
-
-def prompt_capacity(tokens: int, config: TailorKVConfig) -> int:
-    """Slots of a prompt store that holds ``tokens``: whole ``PROMPT_BLOCK``s and whole R-blocks."""
-    unit = math.lcm(PROMPT_BLOCK, config.residual)
-    return max(1, -(-tokens // unit)) * unit
-
-
-def _on_host(offload: bool, fn, *args, keep_on_host: bool = False):
-    """``fn(*args)`` beside host-resident stores: run on the host (``args`` moved there first), only
-    the result crossing to the device (or staying on the host: a store's update). Without
-    offload the stores are on the device and ``fn`` runs there."""
-    if not offload:
-        return fn(*args)
-    args = jax.device_put(args, jax.memory.Space.Host)
-    with compute_on("device_host"):
-        out = fn(*args)
-    return out if keep_on_host else jax.device_put(out, jax.memory.Space.Device)
-
-
-def _to_host(x: jax.Array, offload: bool) -> jax.Array:
-    return jax.device_put(x, jax.memory.Space.Host) if offload else x
-
-
-def _host_zeros(shape: tuple[int, ...], dtype, offload: bool) -> jax.Array:
-    """A zero store allocated in host memory (never staged through the device)."""
-    if not offload:
-        return jnp.zeros(shape, dtype)
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    return jax.device_put(np.zeros(shape, dtype), host)
-
-
-def _tokens_at(x: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:
-    """x [B, Hkv, S, hd] at rows int32 [n] and their slots int32 [n, T] -> [n, Hkv, T, hd]."""
-    return x[rows[:, None], :, slots].swapaxes(1, 2)
-
-
-def _row_local(x: jax.Array, start: jax.Array, length: int) -> jax.Array:
-    """Left-padded x [B, Hkv, S, hd] -> [B, Hkv, length, hd] with row b's tokens from slot 0
-    (slots past the row's end repeat its last slot; they are never served)."""
-    slots = jnp.clip(start[:, None] + jnp.arange(length)[None, :], 0, x.shape[2] - 1)
-    return jnp.take_along_axis(x, slots[:, None, :, None], axis=2)
-
-
-def _ring_slots(n: jax.Array, window: int) -> jax.Array:
-    """int32 [B, window]: the token slot each ring entry holds in a row of n [B] tokens (the
-    newest, n - 1, and the window - 1 before it; negative: empty)."""
-    newest = n[:, None] - 1
-    return newest - (newest - jnp.arange(window)[None, :]) % window
-
-
-def _gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [B, Hkv, S, hd] at per-row token indices [B, N] -> [B, Hkv, N, hd]."""
-    return jnp.take_along_axis(x, index[:, None, :, None], axis=2)
-
-
-def _serve_dequantized(k_window: jax.Array, block: QuantizedKeys, block_start: jax.Array, n: jax.Array, apply: jax.Array) -> jax.Array:
-    """The ring with the keys of R-block [block_start, block_start + R) (quantized as ``block``)
-    replaced by their dequantized values, in rows where ``apply`` [B] holds."""
-    window = k_window.shape[2]
-    slots = _ring_slots(n, window)
-    offset = slots - block_start[:, None]
-    inside = apply[:, None] & (offset >= 0) & (offset < block.num_tokens)
-    dequantized = _gather_tokens(block.dequantize(k_window.dtype), jnp.clip(offset, 0, block.num_tokens - 1))
-    return jnp.where(inside[:, None, :, None], dequantized, k_window)
-
-
-def select_channels(query: jax.Array, k_absmax: jax.Array, num_channels: int) -> jax.Array:
-    """query [B, 1, Hq, hd], k_absmax [B, Hkv, hd] -> int32 [B, Hkv, num_channels]: the channels
-    with the largest |mean over the GQA group of q_i| * max|K_i|."""
-    b, _, hq, hd = query.shape
-    hkv = k_absmax.shape[1]
-    group_mean = query[:, 0].reshape(b, hkv, hq // hkv, hd).mean(axis=2)
-    return jax.lax.top_k(jnp.abs(group_mean) * k_absmax, num_channels)[1].astype(jnp.int32)
-
-
-def token_scores(q_channels: jax.Array, channel_rows: jax.Array, mode: str) -> jax.Array:
-    """q_channels [B, Hkv, G, C] (a KV group's queries at its chosen channels), channel_rows
-    [B, Hkv, C, P] (those channels of every prompt key) -> float32 [B, Hkv, P] partial scores,
-    one per KV head and token (see ``TailorKVConfig.token_score``)."""
-    rows = channel_rows.astype(jnp.float32)
-    if mode == "group_mean":
-        return jnp.einsum("bhc,bhcp->bhp", q_channels.astype(jnp.float32).mean(axis=2), rows)
-    return jnp.einsum("bhgc,bhcp->bhgp", q_channels.astype(jnp.float32), rows).max(axis=2)
-
-
-@flax.struct.dataclass
-class PromptStore:
-    """One layer's prompts in full precision, row-local: k, v [B, Hkv, P, hd]; a sparse layer's
-    also as kt [B, Hkv, hd, P] (keys transposed: one channel of every token is one contiguous
-    row, what the token estimate reads). In host memory when offloaded."""
-
-    k: jax.Array
-    v: jax.Array
-    kt: jax.Array | None
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def filled(self, k: jax.Array, v: jax.Array, offload: bool) -> "PromptStore":
-        """Whole stores from row-local k, v [B, Hkv, P, hd] (on the device)."""
-        kt = None if self.kt is None else _to_host(k.swapaxes(2, 3), offload)
-        return PromptStore(_to_host(k, offload), _to_host(v, offload), kt)
-
-    def write(self, k: jax.Array, v: jax.Array, rows: jax.Array, slots: jax.Array, offload: bool) -> "PromptStore":
-        """k, v [R, T, Hkv, hd] written at (rows, slots) int32 [R, T]; a row index past the last
-        row drops that token (padding)."""
-
-        def put(store: jax.Array, new: jax.Array, rows: jax.Array, slots: jax.Array, transposed: bool) -> jax.Array:
-            at = (rows, slice(None), slice(None), slots) if transposed else (rows, slice(None), slots)
-            return store.at[at].set(new.astype(store.dtype), mode="drop")
-
-        def write_all(stores, k, v, rows, slots):
-            return tuple(put(store, new, rows, slots, i == 2) for i, (store, new) in enumerate(zip(stores, (k, v, k))))
-
-        stores = (self.k, self.v) + (() if self.kt is None else (self.kt,))
-        written = _on_host(offload, write_all, stores, k, v, rows, slots, keep_on_host=True)
-        return PromptStore(*written[:2], written[2] if self.kt is not None else None)
-
-    def read(self, first_row: jax.Array, rows: int, start: jax.Array, size: int, offload: bool) -> tuple[jax.Array, jax.Array]:
-        """(k, v) [rows, Hkv, size, hd] of rows first_row.. from slot ``start``, on the device."""
-
-        def cut(k, v, first_row, start):
-            at = (first_row, 0, start, 0)
-            return tuple(jax.lax.dynamic_slice(x, at, (rows, *x.shape[1:2], size, x.shape[3])) for x in (k, v))
-
-        return _on_host(offload, cut, self.k, self.v, first_row, jnp.asarray(start, jnp.int32))
-
-    def read_rows(self, rows: jax.Array, start: jax.Array, size: int, offload: bool) -> tuple[jax.Array, jax.Array]:
-        """(k, v) [n, Hkv, size, hd] of rows int32 [n] from slot ``start``, on the device."""
-        return self.tokens(rows, jnp.broadcast_to(start + jnp.arange(size), (rows.shape[0], size)), offload)
-
-    def tokens(self, rows: jax.Array, slots: jax.Array, offload: bool) -> tuple[jax.Array, jax.Array]:
-        """(k, v) [n, Hkv, T, hd] of rows int32 [n] at their slots int32 [n, T], on the device."""
-        return _on_host(offload, lambda k, v, rows, slots: (_tokens_at(k, rows, slots), _tokens_at(v, rows, slots)),
-                        self.k, self.v, rows, slots)  # fmt: skip
-
-
-@flax.struct.dataclass
-class QuantizedLayerCache:
-    """Row b's n_b tokens (n_b = length[b]) sit at slots 0..n_b-1 of its row."""
-
-    keys: QuantizedKeys  # [B, Hkv, C, hd], C = tokens per row rounded up to R; slots of whole R-blocks are final
-    values: QuantizedValues  # [B, Hkv, C, hd]; each token's codes are written when it arrives
-    k_window: jax.Array  # [B, Hkv, R + 1, hd] ring: slot s at s % (R + 1); dequantized once its key is quantized
-    v_window: jax.Array  # [B, Hkv, R + 1, hd] ring of exact values
-
-
-@flax.struct.dataclass
-class SparseLayerCache:
-    """A sparse layer's device part; its prompt K/V are in the layer's :class:`PromptStore`."""
-
-    k_absmax: jax.Array  # [B, Hkv, hd] per-channel max |K| over the row's prompt tokens
-    k_window: jax.Array  # [B, Hkv, sink + recent, hd]
-    v_window: jax.Array
-    window_mask: jax.Array  # bool [B, sink + recent]: real, non-duplicate tokens
-    k_gen: jax.Array  # [B, Hkv, G, hd] generated tokens
-    v_gen: jax.Array
-    channels: jax.Array  # int32 [B, Hkv, num_channels], chosen from the lookahead query
-
-
-def _quantize_options(config: TailorKVConfig) -> dict:
-    return dict(bits=config.bits, group=config.group, scale_dtype=jnp.dtype(config.scale_dtype))
-
-
-def _start_quantized(config: TailorKVConfig, state: QuantizedLayerCache, store: PromptStore, rows: jax.Array,
-                     safe: jax.Array, count: jax.Array) -> QuantizedLayerCache:  # fmt: skip
-    """Quantize rows' prompts (count [n] tokens each) R-block by R-block from the store; the
-    ring takes the last R + 1 tokens, the keys of the last whole R-block among them dequantized."""
-    r, quantize = config.residual, _quantize_options(config)
-
-    def add_block(i, stores):
-        keys, values = stores
-        k, v = store.read_rows(safe, i * r, r, config.offload)
-        return keys.update_rows(quantize_keys(k, **quantize), rows, i * r), values.update_rows(quantize_values(v, **quantize), rows, i * r)
-
-    blocks = (jnp.max(count) + r - 1) // r
-    keys, values = jax.lax.fori_loop(0, blocks, add_block, (state.keys, state.values))
-    k_ring, v_ring = store.tokens(safe, jnp.clip(_ring_slots(count, r + 1), 0), config.offload)
-    last_block = jnp.maximum(count // r * r - r, 0)  # the last whole R-block (the ring reaches no earlier one)
-    block = quantize_keys(store.tokens(safe, last_block[:, None] + jnp.arange(r), config.offload)[0], **quantize)
-    k_ring = _serve_dequantized(k_ring, block, last_block, count, count >= r)
-    return state.replace(keys=keys, values=values, k_window=state.k_window.at[rows].set(k_ring, mode="drop"),
-                         v_window=state.v_window.at[rows].set(v_ring.astype(state.v_window.dtype), mode="drop"))  # fmt: skip
-
-
-def _start_sparse(config: TailorKVConfig, state: SparseLayerCache, store: PromptStore, rows: jax.Array,
-                  safe: jax.Array, count: jax.Array) -> SparseLayerCache:  # fmt: skip
-    """Rows' per-channel max |K| over their prompts (read block by block), and their sink and
-    recent windows."""
-
-    def add_block(i, absmax):
-        k, _ = store.read_rows(safe, i * PROMPT_BLOCK, PROMPT_BLOCK, config.offload)
-        real = i * PROMPT_BLOCK + jnp.arange(PROMPT_BLOCK)[None, :] < count[:, None]  # [n, block]
-        return jnp.maximum(absmax, jnp.max(jnp.where(real[:, None, :, None], jnp.abs(k.astype(jnp.float32)), 0.0), axis=2))
-
-    blocks = (jnp.max(count) + PROMPT_BLOCK - 1) // PROMPT_BLOCK
-    absmax = jax.lax.fori_loop(0, blocks, add_block, jnp.zeros((rows.shape[0], *state.k_absmax.shape[1:]), jnp.float32))
-    sink = jnp.broadcast_to(jnp.arange(config.sink), (rows.shape[0], config.sink))
-    recent = count[:, None] - config.recent + jnp.arange(config.recent)[None, :]
-    mask = jnp.concatenate([sink < count[:, None], (recent >= config.sink) & (recent >= 0)], axis=1)
-    k, v = store.tokens(safe, jnp.clip(jnp.concatenate([sink, recent], axis=1), 0, store.capacity - 1), config.offload)
-
-    def put(current: jax.Array, new: jax.Array) -> jax.Array:
-        return current.at[rows].set(new.astype(current.dtype), mode="drop")
-
-    return state.replace(k_absmax=put(state.k_absmax, absmax), k_window=put(state.k_window, k),
-                         v_window=put(state.v_window, v), window_mask=put(state.window_mask, mask))  # fmt: skip
 
 
 @flax.struct.dataclass
@@ -401,11 +192,11 @@ class TailorKVCache:
         them generated. ``zeros(shape, dtype)`` allocates the prompt stores (default: in host
         memory when offloaded, never staged through the device)."""
         config.validate(cfg)
-        zeros = zeros or (lambda shape, dtype: _host_zeros(shape, dtype, config.offload))
+        zeros = zeros or (lambda shape, dtype: host_zeros(shape, dtype, config.offload))
         hkv, hd, r = cfg.num_kv_heads, cfg.head_dim, config.residual
-        capacity = prompt_capacity(prompt_tokens, config)
+        capacity = prompt_capacity(prompt_tokens, config.residual)
         quantized_capacity = -(-max_len // r) * r
-        quantize = dict(bits=config.bits, group=config.group, scale_dtype=jnp.dtype(config.scale_dtype))
+        quantize = config.quantize_options
         window = config.sink + config.recent
 
         def device(*shape, dtype=dtype):
@@ -460,8 +251,12 @@ class TailorKVCache:
         ranges and windows. A row index past the last is ignored. Reads only those rows' prompts."""
         safe = jnp.minimum(rows, self.length.shape[0] - 1)
         count = jnp.where(rows < self.length.shape[0], self.length[safe], 0)
+        config = self.config
         layers = tuple(
-            (_start_quantized if isinstance(state, QuantizedLayerCache) else _start_sparse)(self.config, state, store, rows, safe, count)
+            start_quantized(state, store, rows, safe, count, residual=config.residual, quantize=config.quantize_options,
+                            offload=config.offload)
+            if isinstance(state, QuantizedLayerCache)
+            else start_sparse(state, store, rows, safe, count, sink=config.sink, recent=config.recent, offload=config.offload)
             for state, store in zip(self.layers, self.prompts)
         )  # fmt: skip
         return self.replace(layers=layers, prompt_len=self.prompt_len.at[rows].set(count, mode="drop"))
@@ -514,19 +309,19 @@ class TailorKVCache:
         the R-block holding the token; its keys are served quantized once the block is whole."""
         config = self.config
         r, window = config.residual, config.residual + 1
-        quantize = _quantize_options(config)
+        quantize = config.quantize_options
         n = self.length + 1  # [B] tokens per row, this one included
         k_new, v_new = k.swapaxes(1, 2).astype(state.k_window.dtype), v.swapaxes(1, 2).astype(state.v_window.dtype)
         fresh = (jnp.arange(window)[None, :] == ((n - 1) % window)[:, None])[:, None, :, None]
         k_window, v_window = jnp.where(fresh, k_new, state.k_window), jnp.where(fresh, v_new, state.v_window)
         values = state.values.update(quantize_values(v_new, **quantize), n - 1)
         mask_quant = jnp.arange(values.num_tokens)[None, None, :] < (n - window)[:, None, None]
-        mask_ring = (_ring_slots(n, window) >= 0)[:, None, :]
-        out = self._quantized_attention(q, state.keys, values, k_window, v_window, mask_quant, mask_ring)
+        mask_ring = (ring_slots(n, window) >= 0)[:, None, :]
+        out = quantized_attention_by(self.kernel, q, state.keys, values, k_window, v_window, mask_quant, mask_ring)
         block_start = (n - 1) // r * r
-        block = quantize_keys(_gather_tokens(k_window, (block_start[:, None] + jnp.arange(r)) % window), **quantize)
+        block = quantize_keys(gather_tokens(k_window, (block_start[:, None] + jnp.arange(r)) % window), **quantize)
         keys = state.keys.update(block, block_start)  # a partial block is rewritten until it is whole
-        k_window = _serve_dequantized(k_window, block, block_start, n, n % r == 0)
+        k_window = serve_dequantized(k_window, block, block_start, n, n % r == 0)
         return out, state.replace(keys=keys, values=values, k_window=k_window, v_window=v_window)
 
     def _attend_sparse(self, state: SparseLayerCache, store: PromptStore, q, k, v, channels):
@@ -541,7 +336,7 @@ class TailorKVCache:
             segments.append(self._top_k_tokens(store, q, channels))
         live = generated + 1  # the generated tokens, this one included
         gen_mask = jnp.broadcast_to(jnp.arange(k_gen.shape[2]) < live[:, None, None], (b, hkv, k_gen.shape[2]))
-        return self._attend_segments(q, segments, (k_gen, v_gen, gen_mask), live), state.replace(k_gen=k_gen, v_gen=v_gen)
+        return segment_attention_by(self.kernel, q, segments, (k_gen, v_gen, gen_mask), live), state.replace(k_gen=k_gen, v_gen=v_gen)
 
     def _top_k_tokens(self, store: PromptStore, q: jax.Array, channels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(k, v [B, Hkv, top_k, hd], mask [B, Hkv, top_k]) of each row's top-k prompt tokens by
@@ -552,13 +347,9 @@ class TailorKVCache:
         hkv = channels.shape[1]
         q_channels = jnp.take_along_axis(q[:, 0].reshape(b, hkv, hq // hkv, hd), channels[:, :, None, :], axis=3)
 
-        def channel_rows(kt, channels, start):  # [B, Hkv, C, block]: the chosen channels of one block of tokens
-            block = jax.lax.dynamic_slice(kt, (0, 0, 0, start), (b, hkv, hd, PROMPT_BLOCK))
-            return jnp.take_along_axis(block, channels[..., None], axis=2, mode="promise_in_bounds")
-
         def add_block(i, scores):
             start = i * PROMPT_BLOCK
-            approx = self._token_scores(q_channels, _on_host(offload, channel_rows, store.kt, channels, start))
+            approx = self._token_scores(q_channels, store.channel_rows(channels, start, PROMPT_BLOCK, offload))
             return jax.lax.dynamic_update_slice(scores, approx, (0, 0, start))
 
         longest = jnp.max(jnp.where(self.active, self.prompt_len, 0))
@@ -567,43 +358,16 @@ class TailorKVCache:
         slots = jnp.arange(store.capacity)
         eligible = (slots[None, :] >= config.sink) & (slots[None, :] < self.prompt_len[:, None] - config.recent)
         scores, chosen = jax.lax.top_k(jnp.where(eligible[:, None, :], approx, -jnp.inf), min(config.top_k, store.capacity))
+        return *store.gather(chosen, offload), scores > -jnp.inf
 
-        def take(k, v, rows, heads, chosen):  # rows 0..b-1 of the stores at their chosen tokens (no slice of a whole store)
-            return tuple(x[rows, heads, chosen] for x in (k, v))
-
-        rows, heads = (jnp.broadcast_to(index, chosen.shape) for index in (jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]))
-        return *_on_host(offload, take, store.k, store.v, rows, heads, chosen), scores > -jnp.inf
-
-    # The kernel choice (``kernel``, resolved when the cache was built; Pallas on CPU is interpreted).
-
-    def _quantized_attention(self, *args) -> jax.Array:
-        if self.kernel == "xla":
-            return quantized_attention(*args)
-        if self.kernel == "triton":  # triton is an optional (GPU) dependency: imported when chosen
-            return importlib.import_module("dami_kernels.triton_attention").quantized_attention(*args)
-        return pallas_quant.quantized_attention(*args, interpret=jax.default_backend() == "cpu")
+    # The kernel choice (``kernel``, resolved when the cache was built; Pallas on CPU is interpreted;
+    # attention: dami_jax.tailorkv.kernel_choice).
 
     def _token_scores(self, q_channels: jax.Array, channel_rows: jax.Array) -> jax.Array:
         if self.kernel == "xla":
             return token_scores(q_channels, channel_rows, self.config.token_score)
         return pallas_scores.token_scores(q_channels, channel_rows, self.config.token_score,
                                           interpret=jax.default_backend() == "cpu")  # fmt: skip
-
-    def _attend_segments(self, q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array]],
-                         generated: tuple[jax.Array, jax.Array, jax.Array], live: jax.Array) -> jax.Array:  # fmt: skip
-        """Attention over the sparse layer's segments (window, top-k rows) and its ``generated``
-        tokens (k, v, mask), the first ``live`` [B] of them visible. The kernels read only those
-        (their blocks past a row's length are never loaded); XLA reads the store whole."""
-        if self.kernel != "xla":
-            k_gen, v_gen, _ = generated
-            return pallas_attention.segment_attention(q, [*segments, Segment(k_gen, v_gen, None, live)],
-                                                      interpret=jax.default_backend() == "cpu")  # fmt: skip
-        segments = [*segments, generated]
-        dtype = segments[-1][0].dtype
-        keys = jnp.concatenate([k.astype(dtype) for k, _, _ in segments], axis=2)
-        values = jnp.concatenate([v.astype(dtype) for _, v, _ in segments], axis=2)
-        mask = jnp.concatenate([m for _, _, m in segments], axis=2)[:, :, None, :]  # [B, Hkv, T=1, S]
-        return attention(q, keys, values, mask)
 
     def advance(self, num_tokens: int) -> "TailorKVCache":
         return self.replace(length=self.length + num_tokens * self.active.astype(jnp.int32))
