@@ -41,8 +41,10 @@ $(VENV)/.dev: pyproject.toml
 demo: $(VENV)/.base
 	$(VENV)/bin/dami-jax sweep --out runs/demo
 
+# --max-worker-restart=0: a worker that crashes (a segfault, the OOM killer) ends the run at once,
+# naming its test; a replaced worker can hang pytest-xdist's loadgroup scheduler until CI's limit.
 test: $(VENV)/.dev
-	$(PY) -m pytest -n 2 --dist loadgroup -q
+	$(PY) -m pytest -n 2 --dist loadgroup --max-worker-restart=0 -q
 
 clean:
 	rm -rf $(VENV)

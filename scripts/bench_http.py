@@ -130,10 +130,11 @@ def body(server: str, model: str, request: Request) -> dict:
     return {**common, "logit_bias": {str(END_OF_TURN): -100.0}, "cache_prompt": False}
 
 
-async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> Done:
+async def one_request(client: httpx.AsyncClient, url: str, payload: dict, endpoint: str = "chat/completions") -> Done:
+    """One streamed request; a chunk's text is a chat ``delta.content`` or a completion's ``text``."""
     started = time.perf_counter()
     first, parts = None, []
-    async with client.stream("POST", f"{url}/chat/completions", json=payload) as response:
+    async with client.stream("POST", f"{url}/{endpoint}", json=payload) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {response.status_code}: {(await response.aread()).decode()[:300]}")
         async for line in response.aiter_lines():
@@ -141,7 +142,7 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> Don
                 continue
             chunk = json.loads(line[6:])
             for choice in chunk.get("choices", []):
-                if content := (choice.get("delta") or {}).get("content"):
+                if content := (choice.get("delta") or {}).get("content") or choice.get("text"):
                     if first is None:
                         first = time.perf_counter()
                     parts.append(content)
@@ -149,21 +150,23 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> Don
     return Done((first or end) - started, end - started, "".join(parts), payload["max_tokens"])
 
 
-async def load(server: str, url: str, model: str, requests: list[Request], clients: int, budget_s: float) -> tuple[list[Done], float]:
-    """``clients`` workers draining ``requests``; stops taking new ones after ``budget_s``."""
-    queue = list(reversed(requests))
-    done: list[Done] = []
+async def load_with(url: str, payloads: list[dict], clients: int, budget_s: float, endpoint: str = "chat/completions") -> tuple[list[Done], float]:
+    """``clients`` workers sending ``payloads`` in order, each its next when its last has finished;
+    none sent after ``budget_s``. The answers come in the payloads' order (a prefix of them)."""
+    queue = list(reversed(list(enumerate(payloads))))
+    done: dict[int, Done] = {}
     deadline = time.perf_counter() + budget_s
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)  # a connection per request
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
 
         async def worker():
             while queue and time.perf_counter() < deadline:
-                done.append(await one_request(client, url, body(server, model, queue.pop())))
+                index, payload = queue.pop()
+                done[index] = await one_request(client, url, payload, endpoint)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
-    return done, time.perf_counter() - started
+    return [done[i] for i in sorted(done)], time.perf_counter() - started
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -226,10 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     for label, (kind, model, argv_) in servers.items():
         with Server(label, argv_, args.port) as server:
             warm_up = [Request(r.question, 4) for r in requests[:16]]  # compiles and page cache, before timing
-            asyncio.run(load(kind, server.url, model, warm_up, 8, 300))
+            asyncio.run(load_with(server.url, [body(kind, model, r) for r in warm_up], 8, 300))
             for clients, count in zip(args.clients, args.requests):
                 try:
-                    done, wall = asyncio.run(load(kind, server.url, model, requests[:count], clients, args.budget_s))
+                    done, wall = asyncio.run(load_with(server.url, [body(kind, model, r) for r in requests[:count]], clients, args.budget_s))
                 except httpx.HTTPError as e:
                     print(f"{label}, {clients} clients: failed ({e!r}); its log ends:\n{server.log_tail()}", flush=True)
                     break

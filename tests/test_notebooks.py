@@ -14,6 +14,10 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
+# One notebook at a time: a SmolLM2 notebook's kernel holds ~5 GB at its peak, and two of them
+# beside two busy pytest workers come close to a 24 GB machine's memory.
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 
 def uses_smollm2(path: Path) -> bool:
     """Notebooks on the real SmolLM2 (its checkpoint or its pinned pair): slow (compiling a 30-layer
