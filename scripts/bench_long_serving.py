@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(load_with(server.url, short, 2, 300, "completions"))
             done, wall, peak = asyncio.run(load_watching_kv(server, payloads, args.clients, args.budget_s))
         found = sum(needle_found(c.answer, d.text) for c, d in zip(cases, done))
-        row = {"cache": cache, "requests": len(done), "found": found, "tokens": sum(d.max_tokens for d in done), "wall_s": wall,
-               "tok_s": sum(d.max_tokens for d in done) / wall,
+        tokens = sum(d.max_tokens for d in done)
+        row = {"cache": cache, "requests": len(done), "found": found, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
                "ttft_p50": percentile([d.ttft for d in done], 50), "ttft_p99": percentile([d.ttft for d in done], 99),
                "lat_p50": percentile([d.latency for d in done], 50), "lat_p99": percentile([d.latency for d in done], 99),
                **{f"kv_{memory}_{state}": peak.get((memory, state), 0.0) for memory in ("device", "host")
