@@ -25,7 +25,8 @@ greedy, measured in one run. Every workload runs once to compile, then once time
    and warm-up: the compilations and seconds of ``Engine.warmup``.
 5. ``steps`` (not run by default; the GPU check's, with ``--dtype bfloat16``): decode step times at
    ``max_len`` 8192 and 32768 (SmolLM2's shapes, its context stretched), every slot busy with rows
-   1024 tokens long or nearly full: slot 0 alone and all slots, per decode attention (XLA, and on
+   1024 tokens long or nearly full: slot 0 alone, slot 0 in a call of all slots whose others are
+   idle (a free slot below a busy one), and all slots, per decode attention (XLA, and on
    a GPU the Pallas kernel), and with ``--step-caches dense tailorkv-1`` on TailorKV slots too.
 """
 
@@ -208,8 +209,10 @@ def decoding_engine(pair: ModelPair, slots: int, max_len: int, prompt: Sequence[
     return engine
 
 
-def decode_plan(engine: Engine, rows: int, lam: float | None) -> Plan:
-    live = tuple(r is not None for r in engine.scheduler.table)
+def decode_plan(engine: Engine, rows: int, lam: float | None, busy: int | None = None) -> Plan:
+    """One decode step of slots 0..rows-1; with ``busy``, only the first ``busy`` of them are live
+    (the rest ride in the call as a free slot below a busy one would)."""
+    live = tuple(r is not None and (busy is None or slot < busy) for slot, r in enumerate(engine.scheduler.table))
     return Plan((), (), DecodePlan(rows, 1, lam, (), live))
 
 
@@ -313,15 +316,15 @@ def steps(args: argparse.Namespace) -> None:
         pair = smollm2_pair(args.dtype, context=max_len)
         rng = np.random.default_rng(args.seed)
         print(f"\nengine decode step, SmolLM2-135M shapes, {args.dtype}, {args.slots} slots busy, max_len {max_len}: "
-              f"ms per step of slot 0 alone (rows bucket 1) / of all slots")  # fmt: skip
+              f"ms per step of slot 0 alone (rows bucket 1) / of slot 0 with the other slots idle in the call / of all slots")  # fmt: skip
         for length in (1024, max_len - 2 * STEP_NEW_TOKENS):
             tokens = rng.integers(0, pair.cfg.vocab_size, length).tolist()
             base = None
             for name, options in step_caches(pair, args.step_caches).items():
                 engine = decoding_engine(pair, args.slots, max_len, tokens, args.slots, prefill_chunk=2048, **options)
-                lone, full = (call_ms(engine, decode_plan(engine, rows, 0.0)) for rows in (1, args.slots))
+                lone, idle, full = (call_ms(engine, decode_plan(engine, rows, 0.0, busy)) for rows, busy in ((1, None), (args.slots, 1), (args.slots, None)))
                 base = base or full
-                print(f"  {name:<10} rows at {length:6d} live tokens: {lone:8.2f} / {full:8.2f} ms "
+                print(f"  {name:<10} rows at {length:6d} live tokens: {lone:8.2f} / {idle:8.2f} / {full:8.2f} ms "
                       f"({args.slots / full * 1e3:8.1f} tok/s with every slot busy; {full / base:.2f}x the first)")  # fmt: skip
                 del engine  # one engine's cache at a time
 

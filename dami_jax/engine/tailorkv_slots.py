@@ -11,8 +11,9 @@ sparse ones.
   layers' codes and ring, its sparse layers' key ranges and windows, built from that row's prompt
   only. Nothing else moves.
 - A decode call of rows 0..R-1 runs on those rows' device part (:meth:`narrow`, put back by
-  :meth:`widen`); each sparse layer scores and fetches top-k tokens for the rows in the call, as
-  far as the longest decoding row's prompt reaches. Rows past R move nothing.
+  :meth:`widen`); each sparse layer scores and fetches top-k tokens for the decoding rows only,
+  each as far as its own prompt reaches. A free or prefilling row, inside the call or past it,
+  moves nothing between host and device.
 - Freeing a row costs nothing: the next request's start rewrites everything a decode reads.
 """
 

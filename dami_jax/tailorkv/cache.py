@@ -21,9 +21,9 @@ once its prompt is complete (:meth:`TailorKVCache.start_rows`). Then:
   predicts the layer's query from the previous layer's input (lookahead), scores channels
   s_i = |mean_group q_i| * max|K_i|, estimates attention over the row's prompt tokens from the
   top ``num_channels`` channels, and brings only the top-k tokens' rows to the device. Nothing
-  is evicted. The estimate reads the prompt stores in blocks of ``PROMPT_BLOCK`` tokens, as far
-  as the longest decoding row's prompt reaches, so a step moves what its rows' prompts hold, not
-  what the stores were sized for (one top-k then runs over the estimates on the device; merging a
+  is evicted. The estimate reads the prompt stores in blocks of ``PROMPT_BLOCK`` tokens, each
+  decoding row as far as its own prompt reaches and idle rows not at all, so a step moves what
+  its decoding rows' prompts hold, not what the stores were sized for (one top-k then runs over the estimates on the device; merging a
   running top-k block by block instead was 1.8x slower for TailorKV-2 on CPU). How a KV group's query
   heads turn into one token score is ``TailorKVConfig.token_score``: ``"group_mean"`` (the
   reference code: the group-mean query at the chosen channels) or ``"head_max"`` (ours: each
@@ -53,7 +53,7 @@ from dami_jax.tailorkv.layers import (
     QuantizedLayerCache, SparseLayerCache, gather_tokens, ring_slots, select_channels, serve_dequantized, start_quantized, start_sparse,
     token_scores,
 )
-from dami_jax.tailorkv.prompt_store import PROMPT_BLOCK, PromptStore, host_zeros, prompt_capacity, row_local
+from dami_jax.tailorkv.prompt_store import PROMPT_BLOCK, PromptStore, host_zeros, over_units, prompt_capacity, row_local, unit_rows
 from dami_jax.tailorkv.quant import quantize_keys, quantize_values
 from dami_kernels import sparse_scores as pallas_scores
 from dami_kernels.blocks import unsupported
@@ -180,7 +180,7 @@ class TailorKVCache:
     prompts: tuple  # per layer: PromptStore
     length: jax.Array  # int32 [R]: tokens held per row (prompt + generated)
     prompt_len: jax.Array  # int32 [R]: the row's prompt tokens (set when the row starts)
-    active: jax.Array  # bool [R]: rows a decode step serves; the others neither advance nor lengthen the prompt read (their rows still ride along in the batch's host reads)
+    active: jax.Array  # bool [R]: rows a decode step serves; the others neither advance nor read from the host
     config: TailorKVConfig = flax.struct.field(pytree_node=False)
     kernel: str = flax.struct.field(pytree_node=False, default="xla")  # resolved: "xla", "pallas" or "triton"
 
@@ -340,25 +340,34 @@ class TailorKVCache:
 
     def _top_k_tokens(self, store: PromptStore, q: jax.Array, channels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(k, v [B, Hkv, top_k, hd], mask [B, Hkv, top_k]) of each row's top-k prompt tokens by
-        the channel estimate, its channel rows read block by block as far as the longest active
-        prompt reaches (the tokens past it keep the score -inf)."""
+        the channel estimate. Only decoding rows read, each as far as its own prompt reaches: the
+        estimate's units are (row, prompt block), the fetch's are rows (:func:`over_units`); an
+        idle row keeps the score -inf and zeros, and moves nothing."""
         config, offload = self.config, self.config.offload
         b, _, hq, hd = q.shape
         hkv = channels.shape[1]
         q_channels = jnp.take_along_axis(q[:, 0].reshape(b, hkv, hq // hkv, hd), channels[:, :, None, :], axis=3)
+        blocks_per_row = jnp.where(self.active, -(-self.prompt_len // PROMPT_BLOCK), 0)
 
-        def add_block(i, scores):
-            start = i * PROMPT_BLOCK
-            approx = self._token_scores(q_channels, store.channel_rows(channels, start, PROMPT_BLOCK, offload))
-            return jax.lax.dynamic_update_slice(scores, approx, (0, 0, start))
+        def score(start, size: int, scores):
+            rows, blocks = unit_rows(start + jnp.arange(size), blocks_per_row)
+            approx = self._token_scores(q_channels[rows], store.channel_blocks(channels[rows], rows, blocks, offload))
+            slots = blocks[:, None] * PROMPT_BLOCK + jnp.arange(PROMPT_BLOCK)
+            return scores.at[rows[:, None], :, slots].set(approx.swapaxes(1, 2))  # [size, BLOCK, Hkv] at (row, slot)
 
-        longest = jnp.max(jnp.where(self.active, self.prompt_len, 0))
         unscored = jnp.full((b, hkv, store.capacity), -jnp.inf, jnp.float32)
-        approx = jax.lax.fori_loop(0, (longest + PROMPT_BLOCK - 1) // PROMPT_BLOCK, add_block, unscored)
+        approx = over_units(blocks_per_row.sum(), b, score, unscored)
         slots = jnp.arange(store.capacity)
         eligible = (slots[None, :] >= config.sink) & (slots[None, :] < self.prompt_len[:, None] - config.recent)
         scores, chosen = jax.lax.top_k(jnp.where(eligible[:, None, :], approx, -jnp.inf), min(config.top_k, store.capacity))
-        return *store.gather(chosen, offload), scores > -jnp.inf
+        decoding = jnp.nonzero(self.active, size=b, fill_value=b)[0].astype(jnp.int32)  # decoding rows first
+
+        def fetch(start, size: int, kv):
+            rows = jax.lax.dynamic_slice(decoding, (start,), (size,))
+            return tuple(x.at[rows].set(y) for x, y in zip(kv, store.gather(rows, chosen[rows], offload)))
+
+        empty = jnp.zeros((b, hkv, chosen.shape[2], hd), store.k.dtype)
+        return *over_units(self.active.sum(), b, fetch, (empty, empty)), scores > -jnp.inf
 
     # The kernel choice (``kernel``, resolved when the cache was built; Pallas on CPU is interpreted;
     # attention: dami_jax.tailorkv.kernel_choice).
@@ -374,9 +383,9 @@ class TailorKVCache:
 
 
 def bytes_moved_per_step(cfg: ModelConfig, config: TailorKVConfig, batch: int, prompt_len: int, itemsize: int = 4) -> int:
-    """Host -> device bytes per decode step of ``batch`` rows whose prompts hold ``prompt_len``
-    tokens: channel rows for scoring (whole ``PROMPT_BLOCK``s) plus the top-k K and V rows,
-    summed over sparse layers."""
+    """Host -> device bytes per decode step of ``batch`` decoding rows whose prompts hold
+    ``prompt_len`` tokens: channel rows for scoring (whole ``PROMPT_BLOCK``s) plus the top-k K and
+    V rows, summed over sparse layers. Idle rows, in the call or not, add nothing."""
     sparse = cfg.num_layers - len(config.quantized_layers)
     per_layer = batch * cfg.num_kv_heads * (config.num_channels * -(-prompt_len // PROMPT_BLOCK) * PROMPT_BLOCK + 2 * config.top_k * cfg.head_dim)
     return sparse * per_layer * itemsize

@@ -3,10 +3,16 @@ when offloaded (``pinned_host``), and the host-side reads and writes on them.
 
 Host memory inside jit: a gather cannot mix memory spaces, so reads and writes of the stores run
 on the host (``compute_on("device_host")``) and only their results cross to the device.
+
+A decode step's reads follow live work: they are made of units (one row's prompt block, one row's
+top-k tokens), listed for the decoding rows only (:func:`unit_rows`) and read in transfers of a
+fixed number of units and then of smaller powers of two (:func:`over_units`), so that no transfer
+carries a unit of an idle row or a padding unit.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -47,6 +53,29 @@ def host_zeros(shape: tuple[int, ...], dtype, offload: bool) -> jax.Array:
         return jnp.zeros(shape, dtype)
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     return jax.device_put(np.zeros(shape, dtype), host)
+
+
+def over_units(total: jax.Array, group: int, read, carry):
+    """``carry`` through ``read(start, size, carry)`` over units 0..total-1 (``total`` int32, known
+    at run time only): transfers of ``group`` units while that many are left, then one of each
+    smaller power of two the remainder needs. Every unit is read once and no transfer is padded
+    (shapes are static, so the sizes are too: a handful of variants of one read)."""
+    full = total // group
+    carry = jax.lax.fori_loop(0, full, lambda i, c: read(i * group, group, c), carry)
+    start = full * group
+    for size in reversed([1 << i for i in range((group - 1).bit_length())]):  # the powers of two below group
+        take = total - start >= size
+        carry = jax.lax.cond(take, functools.partial(read, start, size), lambda c: c, carry)
+        start = start + jnp.where(take, size, 0)
+    return carry
+
+
+def unit_rows(units: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Units int32 [n] of a list where row b holds counts[b] units (rows in order) -> (their row,
+    their index within the row), int32 [n] each. Units must be below ``counts.sum()``."""
+    ends = jnp.cumsum(counts)
+    rows = jnp.minimum(jnp.searchsorted(ends, units, side="right"), counts.shape[0] - 1).astype(jnp.int32)
+    return rows, units - (ends[rows] - counts[rows])
 
 
 def tokens_at(x: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:
@@ -113,21 +142,25 @@ class PromptStore:
         return on_host(offload, lambda k, v, rows, slots: (tokens_at(k, rows, slots), tokens_at(v, rows, slots)),
                         self.k, self.v, rows, slots)  # fmt: skip
 
-    def channel_rows(self, channels: jax.Array, start: jax.Array, size: int, offload: bool) -> jax.Array:
-        """[B, Hkv, C, size]: channels int32 [B, Hkv, C] of tokens start.. of rows 0..B-1, read
-        from the transposed keys (a sparse layer's token estimate), on the device."""
-        rows, heads = channels.shape[:2]
+    def channel_blocks(self, channels: jax.Array, rows: jax.Array, blocks: jax.Array, offload: bool) -> jax.Array:
+        """[n, Hkv, C, PROMPT_BLOCK]: channels int32 [n, Hkv, C] of prompt block blocks[i] of row
+        rows[i] (int32 [n]), read from the transposed keys (a sparse layer's token estimate), on
+        the device: one contiguous span per (unit, head, channel)."""
 
-        def read(kt, channels, start):
-            block = jax.lax.dynamic_slice(kt, (0, 0, 0, start), (rows, heads, kt.shape[2], size))
-            return jnp.take_along_axis(block, channels[..., None], axis=2, mode="promise_in_bounds")
+        def read(kt, channels, rows, heads, blocks):
+            def span(row, head, channel, block):
+                return jax.lax.dynamic_slice(kt, (row, head, channel, block * PROMPT_BLOCK), (1, 1, 1, PROMPT_BLOCK))[0, 0, 0]
 
-        return on_host(offload, read, self.kt, channels, start)
+            per_channel = jax.vmap(span, (None, None, 0, None))
+            return jax.vmap(jax.vmap(per_channel, (None, 0, 0, None)), (0, None, 0, 0))(rows, heads, channels, blocks)
 
-    def gather(self, chosen: jax.Array, offload: bool) -> tuple[jax.Array, jax.Array]:
-        """(k, v) [B, Hkv, N, hd] of rows 0..B-1 at their chosen tokens int32 [B, Hkv, N], on the
+        heads = jnp.arange(channels.shape[1], dtype=jnp.int32)  # made here: host code cannot create device arrays
+        return on_host(offload, read, self.kt, channels, rows, heads, blocks)
+
+    def gather(self, rows: jax.Array, chosen: jax.Array, offload: bool) -> tuple[jax.Array, jax.Array]:
+        """(k, v) [n, Hkv, N, hd] of rows int32 [n] at their chosen tokens int32 [n, Hkv, N], on the
         device (indexed, so that no slice of a whole store is made)."""
         rows, heads = (jnp.broadcast_to(index, chosen.shape) for index in (
-            jnp.arange(chosen.shape[0])[:, None, None], jnp.arange(chosen.shape[1])[None, :, None]))  # fmt: skip
+            rows[:, None, None], jnp.arange(chosen.shape[1])[None, :, None]))  # fmt: skip
         return on_host(offload, lambda k, v, rows, heads, chosen: (k[rows, heads, chosen], v[rows, heads, chosen]),
                        self.k, self.v, rows, heads, chosen)  # fmt: skip

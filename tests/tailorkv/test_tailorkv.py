@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dami_jax as dj
 from dami_jax.decoding.cache import DenseCacheConfig, DenseKVCache, cache_bytes
@@ -22,6 +24,7 @@ from dami_jax.tailorkv.cache import (
     select_channels,
     token_scores,
 )
+from dami_jax.tailorkv.prompt_store import over_units, unit_rows
 
 CFG = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=4096)  # fmt: skip
@@ -256,3 +259,47 @@ def test_pallas_kernels_give_the_xla_tokens():
     xla, pallas = run(config, rows, new=70), run(dataclasses.replace(config, kernel="pallas"), rows, new=70)
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)
     np.testing.assert_allclose(pallas.logprobs, xla.logprobs, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(0, 5), min_size=1, max_size=9), group=st.integers(1, 9))
+def test_host_reads_cover_each_live_unit_once_in_unpadded_transfers(counts, group):
+    """A decode step's host reads (:func:`over_units`): every unit of the decoding rows read once,
+    none past them (an idle row has no units), transfers of ``group`` units and then of powers of
+    two, so no transfer is padded; :func:`unit_rows` names each unit's row and place in it."""
+    counts = jnp.asarray(counts, jnp.int32)
+    total = int(counts.sum())
+
+    def read(start, size: int, carry):
+        visits, sizes = carry
+        units = start + jnp.arange(size)
+        rows, index = unit_rows(units, counts)
+        visits = visits.at[rows, index].add(1, mode="drop")  # a unit past the list would land out of bounds
+        return visits, sizes.at[size].add(1)
+
+    visits, sizes = over_units(counts.sum(), group, read, (jnp.zeros((len(counts), 6), jnp.int32), jnp.zeros(group + 1, jnp.int32)))
+    expected = (jnp.arange(6)[None, :] < counts[:, None]).astype(jnp.int32)
+    np.testing.assert_array_equal(visits, expected)
+    sizes = np.asarray(sizes)
+    assert sizes[group] == total // group and sum(size * n for size, n in enumerate(sizes)) == total
+    assert all(n <= 1 and size & (size - 1) == 0 for size, n in enumerate(sizes[:group]) if n)  # one of each power of two
+
+
+def test_an_idle_row_fetches_nothing_and_leaves_the_decoding_rows_as_they_were():
+    """Three rows of 1100, 700 and 400 prompt tokens in host memory; the middle one idle: the
+    others' top-k tokens are what they are with every row decoding, and the idle row's are never
+    fetched (zeros, although its store holds random keys and values)."""
+    rng = np.random.default_rng(4)
+    k, v = (jnp.asarray(rng.normal(size=(3, CFG.num_kv_heads, 1100, CFG.head_dim)), jnp.float32) for _ in range(2))
+    dense = DenseKVCache(k=(k,) * 3, v=(v,) * 3, length=jnp.asarray(1100), start=jnp.asarray([0, 400, 700], jnp.int32))
+    cache = TailorKVConfig(budget=128, sink=8, recent=56, quantized_layers=(0,)).after_prefill(CFG, dense, 1100)
+    assert cache.prompts[1].k.sharding.memory_kind == "pinned_host"
+    q = jnp.asarray(rng.normal(size=(3, 1, CFG.num_heads, CFG.head_dim)), jnp.float32)
+    channels = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (3, CFG.num_kv_heads, 8))
+    top_k = jax.jit(lambda cache: cache._top_k_tokens(cache.prompts[1], q, channels))
+    k_all, v_all, mask_all = top_k(cache)
+    k_busy, v_busy, mask_busy = top_k(cache.replace(active=jnp.asarray([True, False, True])))
+    for every, busy in ((k_all, k_busy), (v_all, v_busy), (mask_all, mask_busy)):
+        np.testing.assert_array_equal(busy[::2], every[::2])
+    assert bool(mask_all[1].all()) and not bool(mask_busy[1].any())
+    assert not np.any(k_busy[1]) and not np.any(v_busy[1]) and np.all(np.abs(k_all[1]) > 0)
