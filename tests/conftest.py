@@ -135,6 +135,13 @@ VARIANTS = {
         Variant("qwen3", "Qwen3ForCausalLM", _base(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
         Variant("qwen3_tied", "Qwen3ForCausalLM", _base(head_dim=32, tie_word_embeddings=True)),
         Variant("qwen3_attn_bias", "Qwen3ForCausalLM", _base(head_dim=32, attention_bias=True)),
+        # Qwen3-MoE: 8 experts, 2 per token; layer 1 a plain MLP (mlp_only_layers); renormalized or not.
+        Variant("qwen3_moe", "Qwen3MoeForCausalLM", _base(
+            head_dim=32, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+            norm_topk_prob=True, mlp_only_layers=[1])),
+        Variant("qwen3_moe_sparse_step", "Qwen3MoeForCausalLM", _base(
+            head_dim=32, num_hidden_layers=4, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32,
+            norm_topk_prob=False, decoder_sparse_step=2)),
     ]
 }
 
@@ -178,6 +185,8 @@ def to_v4_config(folder: Path) -> dict[str, Any]:
         hf["rope_scaling"] = {"type": "linear", **rope}  # the legacy key hub files still carry
     else:
         hf["rope_scaling"] = {"rope_type": rope_type, **rope}
+    if "num_local_experts" in hf:  # v4's name for it
+        hf["num_experts"] = hf.pop("num_local_experts")
     hf["transformers_version"] = "4.46.0"
     path.write_text(json.dumps(hf, indent=2))
     return hf
@@ -237,14 +246,18 @@ def interrupted_on_call(fn: Callable, call: int) -> Callable:
     return wrapped
 
 
-def write_tiny_pair(tmp_path_factory, seeds=(0, 1)) -> list[Path]:
+TINY_MOE = dict(architecture="qwen3_moe", num_experts=4, experts_per_token=2, moe_intermediate_size=32, norm_topk_prob=True)
+
+
+def write_tiny_pair(tmp_path_factory, seeds=(0, 1), moe: bool = False) -> list[Path]:
     """Two tiny random Qwen3 HF folders with the toy tokenizer: an Instruct one (plain chat
-    template) and a Thinking one (the template opens the think block). Plumbing only: they
-    answer nothing right."""
+    template) and a Thinking one (the template opens the think block); with ``moe``, Qwen3-MoE
+    (4 experts, 2 per token, in every layer). Plumbing only: they answer nothing right."""
     vocab = vocabulary()
     cfg = ModelConfig(architecture="qwen3", vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=256,
                       eos_token_ids=(vocab["<|im_end|>"],), pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
+    cfg = dataclasses.replace(cfg, **TINY_MOE) if moe else cfg
     paths = []
     for seed, thinking in zip(seeds, (False, True)):
         path = tmp_path_factory.mktemp("thinking" if thinking else "instruct")

@@ -74,13 +74,16 @@ def load_checkpoint(path: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh
     expected = param_shapes(cfg)
     shardings = None if mesh is None else param_shardings(cfg, mesh)
     params: Params = jax.tree.map(lambda _: None, expected, is_leaf=lambda x: isinstance(x, tuple))
+    experts: dict[tuple, ExpertStack] = {}  # stacked leaves still missing experts
     for file in _safetensors_files(folder):
         try:
             with safe_open(file, framework="flax") as f:
                 for name in f.keys():
-                    _load_tensor(f, name, file, cfg, expected, params, dtype, shardings)
+                    _load_tensor(f, name, file, cfg, expected, params, dtype, shardings, experts)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+    for path, stack in experts.items():
+        raise CheckpointError(f"{folder}: checkpoint lacks expert(s) {sorted(stack.missing)[:5]} of parameter {path_str(path)}")
     # None marks a parameter not read; flatten with None as a leaf (jax treats None as an empty subtree).
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
     missing = [path_str(p) for p, leaf in flat if leaf is None]
@@ -89,13 +92,26 @@ def load_checkpoint(path: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh
     return cfg, params
 
 
-def _load_tensor(f, name, file, cfg, expected, params, dtype, shardings) -> None:
-    mapped = hf_name_to_path(name)
-    if mapped is None:
+class ExpertStack:
+    """A stacked experts leaf [E, ...] filled in host memory from the Hub's one tensor per
+    expert; it goes to the device once complete (so at most a layer's experts wait on the host)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype):
+        self.tensor = np.empty(shape, dtype)
+        self.missing = set(range(shape[0]))
+
+    def put(self, expert: int, tensor: jax.Array) -> None:
+        self.tensor[expert] = np.asarray(tensor)
+        self.missing.discard(expert)
+
+
+def _load_tensor(f, name, file, cfg, expected, params, dtype, shardings, experts) -> None:
+    place = hf_name_to_path(name)
+    if place is None:
         if IGNORED_TENSORS.fullmatch(name):
             return
         raise CheckpointError(f"{file}: tensor {name!r} is not part of a {cfg.architecture} model as configured")
-    path, transposed = mapped
+    path, transposed, expert = place
     if path == ("lm_head",) and cfg.tie_word_embeddings:
         return  # some exporters write the tied head anyway
     try:
@@ -103,18 +119,28 @@ def _load_tensor(f, name, file, cfg, expected, params, dtype, shardings) -> None
     except (KeyError, IndexError):
         raise CheckpointError(
             f"{file}: tensor {name!r} (parameter {path_str(path)}) does not fit the config "
-            f"(e.g. a layer index beyond num_hidden_layers={cfg.num_layers}, or a bias the architecture lacks)"
+            f"(e.g. a layer index beyond num_hidden_layers={cfg.num_layers}, a bias the architecture lacks, "
+            f"or an expert tensor in a layer without experts)"
         ) from None
+    if expert is not None and not 0 <= expert < want[0]:
+        raise CheckpointError(f"{file}: tensor {name!r}: expert {expert} is beyond num_experts={want[0]}")
+    want_one = want[1:] if expert is not None else want
     shape = tuple(f.get_slice(name).get_shape())
     stored = shape[::-1] if transposed else shape
-    if stored != want:
+    if stored != want_one:
         raise CheckpointError(
-            f"{file}: tensor {name!r} has shape {shape}, but parameter {path_str(path)} needs "
-            f"{want[::-1] if transposed else want} for this config.json"
+            f"{file}: tensor {name!r} has shape {shape}, but parameter {path_str(path)}"
+            f"{'' if expert is None else f' (expert {expert})'} needs {want_one[::-1] if transposed else want_one} for this config.json"
         )
     tensor = f.get_tensor(name)
     tensor = tensor.T if transposed else tensor
     tensor = tensor.astype(dtype) if dtype is not None else tensor
+    if expert is not None:
+        stack = experts.setdefault(path, ExpertStack(want, tensor.dtype))
+        stack.put(expert, tensor)
+        if stack.missing:
+            return
+        tensor = jnp.asarray(experts.pop(path).tensor)
     if shardings is not None:
         tensor = jax.device_put(tensor, get_path(shardings, path))
     set_path(params, path, tensor)
@@ -125,10 +151,11 @@ def save_hf_checkpoint(path: str | Path, cfg: ModelConfig, params: Params) -> Pa
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, (tree_path, transposed) in hf_tensor_names(cfg).items():
+    for name, (tree_path, transposed, expert) in hf_tensor_names(cfg).items():
         leaf = np.asarray(jax.device_get(get_path(params, tree_path)))
         if leaf.dtype == jnp.bfloat16:
             raise CheckpointError(f"save_hf_checkpoint: {path_str(tree_path)} is bfloat16; cast params to float32 first")
+        leaf = leaf if expert is None else leaf[expert]
         tensors[name] = np.ascontiguousarray(leaf.T if transposed else leaf)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))

@@ -21,6 +21,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -59,9 +60,14 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only transformer shape and numerics (Llama / Qwen2 / Qwen3 family)."""
+    """Decoder-only transformer shape and numerics (Llama / Qwen2 / Qwen3 / Qwen3-MoE family).
 
-    architecture: str  # "llama" | "qwen2" | "qwen3"
+    Mixture of experts (``num_experts`` > 0): layer i routes each token to ``experts_per_token``
+    of ``num_experts`` MLPs of ``moe_intermediate_size`` unless it is in ``mlp_only_layers`` or
+    (i + 1) is not a multiple of ``decoder_sparse_step``; such layers keep one MLP of
+    ``intermediate_size``."""
+
+    architecture: str  # "llama" | "qwen2" | "qwen3" | "qwen3_moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -76,6 +82,15 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the chosen experts' router probabilities to sum to 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
     @property
     def q_per_kv(self) -> int:
@@ -92,7 +107,7 @@ class ModelConfig:
     @property
     def qk_norm(self) -> bool:
         """Qwen3: RMSNorm over head_dim on q and k before RoPE."""
-        return self.architecture == "qwen3"
+        return self.architecture in ("qwen3", "qwen3_moe")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +117,7 @@ class ModelConfig:
         data = dict(data)
         data["rope"] = RopeConfig(**data["rope"])
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
+        data["mlp_only_layers"] = tuple(data.get("mlp_only_layers", ()))
         return cls(**data)
 
 
@@ -118,6 +134,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             original_max_position_embeddings=cfg.rope.original_max_position_embeddings,
         )
     eos = list(cfg.eos_token_ids)
+    experts = {} if not cfg.num_experts else {
+        "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token, "moe_intermediate_size": cfg.moe_intermediate_size,
+        "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": cfg.decoder_sparse_step, "mlp_only_layers": list(cfg.mlp_only_layers),
+    }  # fmt: skip
     return {
         "architectures": [arch],
         "model_type": cfg.architecture,
@@ -136,6 +156,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings,
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": cfg.pad_token_id,
+        **experts,
     }
 
 
@@ -165,6 +186,24 @@ def _token_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+def _experts_from_hf(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a ``qwen3_moe`` config (v4 ``num_experts``, v5
+    ``num_local_experts``); {} for the dense architectures."""
+    if arch != "qwen3_moe":
+        return {}
+    fields = dict(
+        num_experts=int(hf["num_local_experts"] if "num_local_experts" in hf else hf["num_experts"]),
+        experts_per_token=int(hf["num_experts_per_tok"]), moe_intermediate_size=int(hf["moe_intermediate_size"]),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)), decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(int(i) for i in hf.get("mlp_only_layers") or ()),
+    )  # fmt: skip
+    if not 1 <= fields["experts_per_token"] <= fields["num_experts"]:
+        raise ConfigError(f"{where}: num_experts_per_tok={fields['experts_per_token']} must be between 1 and the {fields['num_experts']} experts")
+    if fields["decoder_sparse_step"] < 1:
+        raise ConfigError(f"{where}: decoder_sparse_step={fields['decoder_sparse_step']} must be >= 1")
+    return fields
 
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -207,6 +246,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             eos_token_ids=eos,
             pad_token_id=int(pad if isinstance(pad, int) else (eos[0] if eos else 0)),
+            **_experts_from_hf(hf, arch, where),
         )
     except KeyError as e:
         raise ConfigError(f"{where}: missing required field {e.args[0]!r}") from None

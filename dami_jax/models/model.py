@@ -1,4 +1,4 @@
-"""The decoder (Llama / Qwen2 / Qwen3) as pure functions of ``(params, cfg, tokens, cache)``.
+"""The decoder (Llama / Qwen2 / Qwen3 / Qwen3-MoE) as pure functions of ``(params, cfg, tokens, cache)``.
 
 Numerics: the residual stream, norms, RoPE and softmax are float32; matmuls take their inputs
 in the parameter dtype (bf16 stays bf16 on the MXU/tensor cores) and accumulate in float32.
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from dami_jax.models.attention import attention, causal_mask
 from dami_jax.models.config import ModelConfig
 from dami_jax.models.low_rank import LowRankKernel
+from dami_jax.models.moe import experts_mlp
 from dami_jax.models.params import Params
 from dami_jax.models.rowmix import per_row
 
@@ -86,7 +87,10 @@ def qkv(p: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> tupl
     return project_q(p, cfg, x, positions), rope(k, positions, cfg), v
 
 
-def mlp(p: Params, x: jax.Array) -> jax.Array:
+def mlp(p: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Normed x [B, T, D] -> float32 [B, T, D]: a SwiGLU MLP, or a mixture of them (a layer with a router)."""
+    if "router" in p:
+        return experts_mlp(p["experts"], cfg, x, dense(x, p["router"]))
     return dense(jax.nn.silu(dense(x, p["gate"])) * dense(x, p["up"]), p["down"])
 
 
@@ -124,7 +128,7 @@ def block(
         next_query = None if next_attn is None else project_q(next_attn, cfg, x, positions)
         out, cache = cache.attend(layer, q, k, v, next_query=next_query)
     h = h + dense(out.reshape(b, t, -1), p["attn"]["o"], p["attn"].get("o_bias"))
-    return h + mlp(p["mlp"], rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)), cache, (q, k, v)
+    return h + mlp(p["mlp"], cfg, rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)), cache, (q, k, v)
 
 
 def _layers(

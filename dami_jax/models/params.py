@@ -11,6 +11,10 @@ checkpointing are each one ``jax.tree`` call. Linear kernels are stored as ``[in
     layers/i/attn/o  [heads*head_dim, hidden]      (+ o_bias [hidden])
     layers/i/attn/q_norm, k_norm  [head_dim]       (Qwen3)
     layers/i/mlp/gate, up  [hidden, intermediate];  layers/i/mlp/down [intermediate, hidden]
+    a mixture-of-experts layer's mlp instead (experts stacked, so interpolation stays one
+    tree_map and the expert axis can be sharded):
+    layers/i/mlp/router  [hidden, experts]
+    layers/i/mlp/experts/gate, up  [experts, hidden, moe_intermediate];  .../down [experts, moe_intermediate, hidden]
     final_norm       [hidden]
     lm_head          [hidden, vocab]               (absent when embeddings are tied)
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +41,7 @@ _LAYER_TENSORS = {
     **{f"self_attn.{n}_proj.weight": ("attn", n) for n in "qkvo"},
     **{f"self_attn.{n}_proj.bias": ("attn", f"{n}_bias") for n in "qkvo"},
     **{f"mlp.{n}_proj.weight": ("mlp", n) for n in ("gate", "up", "down")},
+    "mlp.gate.weight": ("mlp", "router"),
 }
 _GLOBAL_TENSORS = {
     "model.embed_tokens.weight": ("embed",),
@@ -44,33 +49,45 @@ _GLOBAL_TENSORS = {
     "lm_head.weight": ("lm_head",),
 }
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT_NAME = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")  # the Hub's layout: one tensor per expert
 # Tensors some exporters write that carry nothing the model needs.
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def hf_name_to_path(name: str) -> tuple[tuple[str | int, ...], bool] | None:
-    """HF tensor name -> (tree path, stored transposed?); None for names we do not know."""
+class TensorPlace(NamedTuple):
+    """Where an HF tensor goes: the tree path, whether it is stored transposed ([out, in]), and
+    for one expert of a stacked leaf, its index along the leaf's first axis."""
+
+    path: tuple[str | int, ...]
+    transposed: bool
+    expert: int | None = None
+
+
+def hf_name_to_path(name: str) -> TensorPlace | None:
+    """HF tensor name -> its :class:`TensorPlace`; None for names we do not know."""
+    expert = None
     if name in _GLOBAL_TENSORS:
         path = _GLOBAL_TENSORS[name]
     elif (m := _LAYER_NAME.fullmatch(name)) and m.group(2) in _LAYER_TENSORS:
         path = ("layers", int(m.group(1)), *_LAYER_TENSORS[m.group(2)])
+    elif m and (e := _EXPERT_NAME.fullmatch(m.group(2))):
+        path, expert = ("layers", int(m.group(1)), "mlp", "experts", e.group(2)), int(e.group(1))
     else:
         return None
-    is_kernel = name.endswith(".weight") and ("_proj." in name or name == "lm_head.weight")
-    return path, is_kernel
+    is_kernel = name.endswith(".weight") and ("_proj." in name or name == "lm_head.weight" or path[-1] == "router")
+    return TensorPlace(path, is_kernel, expert)
 
 
-def hf_tensor_names(cfg: ModelConfig) -> dict[str, tuple[tuple[str | int, ...], bool]]:
-    """HF tensor name -> (tree path, transposed?) for every parameter of ``cfg``."""
-    names = {}
-    for name, path in _GLOBAL_TENSORS.items():
-        names[name] = path
+def hf_tensor_names(cfg: ModelConfig) -> dict[str, TensorPlace]:
+    """HF tensor name -> :class:`TensorPlace` for every parameter of ``cfg`` (one name per expert)."""
+    names = list(_GLOBAL_TENSORS)
     for i in range(cfg.num_layers):
-        for suffix, sub in _LAYER_TENSORS.items():
-            names[f"model.layers.{i}.{suffix}"] = ("layers", i, *sub)
-    shapes = param_shapes(cfg)
-    known = {path for path, _ in iter_paths(shapes)}
-    return {n: hf_name_to_path(n) for n, p in names.items() if path_str(p) in known}
+        names += [f"model.layers.{i}.{suffix}" for suffix in _LAYER_TENSORS]
+        if cfg.is_moe_layer(i):
+            names += [f"model.layers.{i}.mlp.experts.{e}.{n}_proj.weight" for e in range(cfg.num_experts) for n in ("gate", "up", "down")]
+    known = {path for path, _ in iter_paths(param_shapes(cfg))}
+    places = {name: hf_name_to_path(name) for name in names}
+    return {name: place for name, place in places.items() if path_str(place.path) in known}
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -85,10 +102,15 @@ def param_shapes(cfg: ModelConfig) -> Params:
     if cfg.qk_norm:
         attn.update(q_norm=(hd,), k_norm=(hd,))
     mlp = {"gate": (d, cfg.intermediate_size), "up": (d, cfg.intermediate_size), "down": (cfg.intermediate_size, d)}
-    layer = {"attn_norm": (d,), "mlp_norm": (d,), "attn": attn, "mlp": mlp}
+    e, m = cfg.num_experts, cfg.moe_intermediate_size
+    moe = {"router": (d, e), "experts": {"gate": (e, d, m), "up": (e, d, m), "down": (e, m, d)}}
+
+    def layer(i: int) -> Params:
+        return {"attn_norm": (d,), "mlp_norm": (d,), "attn": dict(attn), "mlp": _copy(moe if cfg.is_moe_layer(i) else mlp)}
+
     tree: Params = {
         "embed": (cfg.vocab_size, d),
-        "layers": [_copy(layer) for _ in range(cfg.num_layers)],
+        "layers": [layer(i) for i in range(cfg.num_layers)],
         "final_norm": (d,),
     }
     if not cfg.tie_word_embeddings:

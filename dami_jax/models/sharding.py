@@ -1,7 +1,8 @@
 """Tensor parallelism with JAX itself: params placed on a ``Mesh``, XLA/GSPMD does the rest.
 
 Attention is split over heads (q/k/v columns, o rows) and the MLP over its intermediate
-dimension (gate/up columns, down rows); embeddings, norms and biases of unsplit outputs are
+dimension (gate/up columns, down rows), a mixture of experts over its experts (whole experts per
+device; the router replicated); embeddings, norms and biases of unsplit outputs are
 replicated. A weight whose split axis does not divide evenly (e.g. fewer KV heads than
 devices) stays replicated rather than failing.
 """
@@ -38,8 +39,8 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
     size = mesh.shape[AXIS]
 
     def sharding(path, shape):
-        name = getattr(path[-1], "key", None)
-        axis = _SPLIT_AXIS.get(name)
+        name, parent = (getattr(p, "key", None) for p in (path[-1], path[-2] if len(path) > 1 else None))
+        axis = 0 if parent == "experts" else _SPLIT_AXIS.get(name)  # experts: whole experts per device
         # Heads must not straddle devices: split only whole heads (or whole MLP columns).
         unit = cfg.head_dim if name in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias") else 1
         if axis is None or (shape[axis] // unit) % size:

@@ -1,5 +1,6 @@
-"""Router data and the whole DAMI pipeline on a tiny random Qwen3 pair (plumbing: the real-pair
-path, sweep -> train-router -> route-eval with both routers, through the command line)."""
+"""Router data and the whole DAMI pipeline on tiny random Qwen3 and Qwen3-MoE pairs (plumbing:
+the real-pair path, sweep -> train-router -> route-eval with both routers, through the command
+line)."""
 
 import json
 
@@ -24,10 +25,13 @@ def pair_paths(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def swept(pair_paths, tmp_path_factory):
+    return marked_sweep(pair_paths, tmp_path_factory.mktemp("sweep"))
+
+
+def marked_sweep(pair_paths, out):
     """A sweep of the random pair in which, so that preference pairs exist, the Thinking end is
     marked correct on every problem and the Instruct end on every other one (random models
     answer nothing right; this tests plumbing, not learning)."""
-    out = tmp_path_factory.mktemp("sweep")
     assert cli.main([*SWEEP, "--instruct", pair_paths[0], "--thinking", pair_paths[1], "--out", str(out)]) == 0
     log = out / "records.jsonl"
     records = JsonlLog(log).records
@@ -77,6 +81,18 @@ def test_splits_and_mixes():
 
 
 def test_the_pipeline_runs_on_a_real_pair_layout(capsys, pair_paths, swept, tmp_path):
+    run_pipeline(pair_paths, swept, tmp_path)
+    capsys.readouterr()
+
+
+def test_the_pipeline_runs_on_a_mixture_of_experts_pair(capsys, tmp_path_factory, tmp_path):
+    paths = [str(p) for p in write_tiny_pair(tmp_path_factory, moe=True)]
+    run_pipeline(paths, marked_sweep(paths, tmp_path / "sweep"), tmp_path)
+    capsys.readouterr()
+
+
+def run_pipeline(pair_paths, swept, tmp_path):
+    """train-router on ``swept``, then route-eval with both routers against every fixed lambda."""
     pair = ["--instruct", pair_paths[0], "--thinking", pair_paths[1]]
     router = tmp_path / "router"
     assert cli.main(["train-router", "--records", str(swept), *pair, "--epochs", "3", "--out", str(router)]) == 0
@@ -95,4 +111,3 @@ def test_the_pipeline_runs_on_a_real_pair_layout(capsys, pair_paths, swept, tmp_
     assert {r["method"] for r in routed} == {"dami-pref", "dami-conf"}
     conf = [r for r in routed if r["method"] == "dami-conf"]
     assert all(r["output_tokens"] == r.get("served_tokens", 0) + r["draft_tokens"] for r in conf)  # drafts are paid for
-    capsys.readouterr()

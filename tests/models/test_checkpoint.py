@@ -243,6 +243,8 @@ def expected_spec(path: str, shape, cfg, size: int) -> P:
         if heads[name] % size:
             return P()
         return {"q": P(None, AXIS), "k": P(None, AXIS), "v": P(None, AXIS), "o": P(AXIS, None)}.get(name, P(AXIS))
+    if "/experts/" in path:  # whole experts per device
+        return P(AXIS, None, None) if cfg.num_experts % size == 0 else P()
     if name in ("gate", "up"):
         return P(None, AXIS) if cfg.intermediate_size % size == 0 else P()
     if name == "down":
@@ -276,6 +278,8 @@ def mesh():
         ("llama_tied", {}),  # 4 kv heads: k/v split too
         ("qwen2", {}),  # q bias split
         ("qwen3", {}),  # head_dim 32 != hidden / heads
+        ("qwen3_moe", {}),  # 8 experts: 2 whole experts per device; the router replicated
+        ("qwen3_moe_sparse_step", {}),  # 6 experts do not divide by 4: replicated
         # 6 heads of 16: 96 q columns divide by 4 devices, but whole heads do not: q stays replicated.
         ("llama_attn_bias", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2}),
     ],

@@ -48,7 +48,7 @@ def torch_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: i
 # --------------------------------------------------------------------------- config styles
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3_rope", "llama_linear_rope", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "llama3_rope", "llama_linear_rope", "qwen2", "qwen3", "qwen3_moe"])
 def test_v4_config_loads_in_transformers_and_dami_alike(make_tiny, name):
     """The v4 rewrite is faithful: transformers reads it back to the same logits, and dami-jax
     parses the same ModelConfig from both styles."""
@@ -78,7 +78,7 @@ def test_v4_config_loads_in_transformers_and_dami_alike(make_tiny, name):
 def test_logits_match_transformers(make_tiny, name, style):
     tiny = make_tiny(name, style)
     cfg, params = dj.load_checkpoint(tiny.path)
-    expected_cls = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+    expected_cls = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
     assert cfg.architecture == expected_cls[tiny.variant.cls]
     assert cfg.tie_word_embeddings == tiny.variant.config["tie_word_embeddings"]
     assert ("lm_head" in params) == (not cfg.tie_word_embeddings)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from conftest import write_tiny_pair
 from serving import HOST, KEY, Server
 from serving import pair, server  # noqa: F401 - the fixtures
 
@@ -152,22 +153,28 @@ def _chunks(response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
 
 
+def eight_answers_at_mixed_lambdas(server: Server, model: str, max_tokens: int) -> list[str]:
+    """The texts of 8 greedy chat requests sent at once, question i at LAMBDAS[i]."""
+    client = server.client()
+
+    def ask(i: int) -> str:
+        response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTIONS[i]}],
+                                                  temperature=0, max_tokens=max_tokens, extra_body={"lambda": LAMBDAS[i]})  # fmt: skip
+        return response.choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(ask, range(8)))
+
+
 def test_a_tailorkv_server_answers_concurrent_requests_as_generate_does_alone(pair):
     tailorkv = Server("--slots", "4", "--cache", "tailorkv-1", "--max-new-tokens", "40")
     try:
         assert "tailorkv-1 cache" in tailorkv.ready
-        client = tailorkv.client()
-
-        def ask(i: int):
-            return client.chat.completions.create(model="dami-toy", messages=[{"role": "user", "content": QUESTIONS[i]}],
-                                                  temperature=0, max_tokens=40, extra_body={"lambda": LAMBDAS[i]})  # fmt: skip
-
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(ask, range(8)))
+        answers = eight_answers_at_mixed_lambdas(tailorkv, "dami-toy", 40)
         layers = pair_quantized_layers(pair.paths, pair.cfg.num_layers)  # the toy pair's profiles: every layer dense
         config = dataclasses.replace(dj.TAILORKV_1, quantized_layers=layers, group=pair.cfg.head_dim)  # 32: the toy's heads
-        for i, response in enumerate(answers):
-            assert response.choices[0].message.content == expected_text(pair, QUESTIONS[i], LAMBDAS[i], 40, config)[0]
+        for i, answer in enumerate(answers):
+            assert answer == expected_text(pair, QUESTIONS[i], LAMBDAS[i], 40, config)[0]
         device, host = (tailorkv.metric(f'dami_kv_cache_bytes{{memory="{memory}",state="allocated"}}') for memory in ("device", "host"))
         assert host > device > 0  # 1-bit device KV; the full-precision prompts in host memory
         too_long = httpx.post(f"{tailorkv.url}/v1/chat/completions", timeout=30, json={
@@ -175,6 +182,21 @@ def test_a_tailorkv_server_answers_concurrent_requests_as_generate_does_alone(pa
         assert too_long.status_code == 400 and "limit of 40 tokens per answer" in too_long.json()["error"]["message"]
     finally:
         tailorkv.stop()
+
+
+def test_a_mixture_of_experts_pair_answers_concurrent_requests_as_generate_does_alone(tmp_path_factory):
+    """A tiny random Qwen3-MoE pair: rows at different lambdas decode together (the experts and the
+    router mixed per row), each as its theta(lambda) does alone."""
+    paths = write_tiny_pair(tmp_path_factory, moe=True)
+    moe = Server("--instruct", str(paths[0]), "--thinking", str(paths[1]), "--slots", "4", "--model-name", "dami-moe")
+    try:
+        answers = eight_answers_at_mixed_lambdas(moe, "dami-moe", 12)
+        pair = dj.load_pair(*paths)
+        assert pair.cfg.architecture == "qwen3_moe"
+        for i, answer in enumerate(answers):
+            assert answer == expected_text(pair, QUESTIONS[i], LAMBDAS[i], 12)[0]
+    finally:
+        moe.stop()
 
 
 def test_a_full_queue_gets_429_and_sigterm_drains():
