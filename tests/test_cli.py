@@ -177,6 +177,18 @@ def test_sweep_on_tailorkv_slots_keeps_its_answers_apart_from_dense_ones(capsys,
     assert run(capsys, *SMALL_SWEEP, "--out", str(dense))[0] == 0  # and dense runs still resume there
 
 
+def test_sweep_on_a_mesh_gives_the_single_device_answers(capsys, tmp_path):
+    """--mesh tp=2 (4 virtual CPU devices here): the toy pair split over 2 devices, its KV over its 2 KV heads."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(capsys, *SMALL_SWEEP, "--out", str(one))[0] == 0
+    assert run(capsys, *SMALL_SWEEP, "--mesh", "tp=2", "--out", str(two))[0] == 0
+
+    def answers(folder):
+        return [(r["id"], r["lambda"], r["output_tokens"], r["correct"]) for r in map(json.loads, (folder / "records.jsonl").read_text().splitlines())]
+
+    assert answers(two) == answers(one) and len(answers(one)) == 12
+
+
 @pytest.mark.slow  # compiles the 30-layer SmolLM2 for prefill and decode
 @pytest.mark.parametrize("name", sorted(PINNED_PAIRS))
 def test_sweep_on_a_pinned_pair_by_name(capsys, tmp_path, smollm2_path, name):
@@ -226,6 +238,9 @@ def test_sweep_ctrl_c_keeps_what_was_done_and_rerun_resumes(capsys, tmp_path, mo
         (["--limit", "3"], ["--limit", "--n-per-level"]),
         (["--benchmark", "gsm8k-offline", "--n-per-level", "2"], ["--n-per-level", "--limit"]),
         (["--batch-size", "0"], ["--batch-size"]),
+        (["--mesh", "dp=2"], ["--mesh", "is not tp=N"]),
+        (["--mesh", "tp=9"], ["--mesh tp=9", "only 4 device(s)"]),
+        (["--mesh", "tp=2", "--cache", "tailorkv-1"], ["--mesh", "not supported yet", "--cache dense"]),
     ],
 )
 def test_sweep_bad_arguments_write_nothing(capsys, tmp_path, args, fragments):

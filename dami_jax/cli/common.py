@@ -76,6 +76,17 @@ fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 open_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
+def mesh_size(text: str) -> int:
+    """'tp=N' -> N: tensor parallelism over N devices."""
+    name, _, size = text.partition("=")
+    if name != "tp" or not size.isdigit() or int(size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not tp=N (tensor parallelism over N devices, N >= 1)")
+    return int(size)
+
+
+mesh_size.__name__ = "tp=N"
+
+
 def lambda_grid(text: str) -> tuple[float, ...]:
     """'start:stop:step' (inclusive of stop when it lies on the grid) or a list '0,0.25,1'."""
     try:
@@ -188,12 +199,28 @@ def pair_from(args: argparse.Namespace):
     from dami_jax.toy.pair import toy_pair_paths
 
     check_pair_args(args)
+    if args.mesh and getattr(args, "cache", "dense") != "dense":
+        raise UsageError(f"--mesh: TailorKV slots on a mesh are not supported yet; use --cache dense (got --cache {args.cache})")
     name = pair_name(args)
+    options = {"dtype": dtype_of(args.dtype), "mesh": mesh_from(args.mesh)}
     if name == "toy":
-        return load_pair(*toy_pair_paths(), dtype=dtype_of(args.dtype))
+        return load_pair(*toy_pair_paths(), **options)
     if name is not None:
-        return load_pair(name, dtype=dtype_of(args.dtype))
-    return load_pair(checkpoint_folder(args.instruct, "--instruct"), checkpoint_folder(args.thinking, "--thinking"), dtype=dtype_of(args.dtype))
+        return load_pair(name, **options)
+    return load_pair(checkpoint_folder(args.instruct, "--instruct"), checkpoint_folder(args.thinking, "--thinking"), **options)
+
+
+def mesh_from(size: int | None):
+    """--mesh tp=N: a tensor-parallel mesh over the first N devices (None without the flag)."""
+    import jax
+
+    from dami_jax.models.sharding import make_mesh
+
+    if size is None:
+        return None
+    if size > jax.device_count():
+        raise UsageError(f"--mesh tp={size}: only {jax.device_count()} device(s) here ({jax.default_backend()})")
+    return make_mesh(jax.devices()[:size])
 
 
 # --------------------------------------------------------------------------- the parser
@@ -269,6 +296,9 @@ def add_models(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruct", metavar="FOLDER", help="Instruct (System 1) HF folder, or smollm2 (instead of --pair)")
     parser.add_argument("--thinking", metavar="FOLDER", help="Thinking (System 2) HF folder")
     parser.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
+    parser.add_argument("--mesh", type=mesh_size, metavar="tp=N",
+                        help="tensor parallelism over the first N devices: weights split over heads, MLP and experts, "
+                             "the KV cache over KV heads (default: one device)")  # fmt: skip
 
 
 def add_style(parser: argparse.ArgumentParser) -> None:

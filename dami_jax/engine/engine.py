@@ -40,12 +40,14 @@ import time
 from typing import Iterator, Sequence
 
 import jax
+from jax.sharding import Mesh
 
 from dami_jax.dami.pair import ModelPair
 from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
 from dami_jax.decoding.sampling import GREEDY, Sampling
 from dami_jax.engine.cache import RowLayout, resolve_kernel
 from dami_jax.engine.memory import size_engine
+from dami_jax.engine.placement import mesh_free_memory, mesh_of, pair_on_mesh
 from dami_jax.engine.requests import RequestLimits, Result, TokenEvent
 from dami_jax.engine.runtime import EngineStats, Pending, Runtime
 from dami_jax.engine.scheduler import ADMISSIONS, MIN_PACK, Scheduler
@@ -90,6 +92,10 @@ class Engine:
     ``layout``: how the XLA path reads a row (:class:`~dami_jax.engine.cache.RowLayout`);
     ``kernel``: what computes a decode step's attention (:func:`~dami_jax.engine.cache.resolve_kernel`:
     ``"auto"`` is the Pallas kernel on a GPU, XLA elsewhere).
+    ``mesh``: a device mesh with a ``"tp"`` axis (``dj.make_mesh()``; default: the mesh the pair
+    was loaded onto, if any): the pair tensor-parallel on it, the KV cache split over KV heads, the
+    steps compiled once with their layouts pinned (:mod:`~dami_jax.engine.placement`); slot
+    sizing reads every device's memory. Dense cache only.
     """
 
     def __init__(
@@ -109,9 +115,19 @@ class Engine:
         max_new_tokens: int | None = None,
         layout: RowLayout = RowLayout(),
         kernel: str = "auto",
+        mesh: Mesh | None = None,
     ):
         if not isinstance(cache, (DenseCacheConfig, TailorKVConfig)):
             raise InputError(f"cache: the engine takes dj.DenseCacheConfig() or a dj.TailorKVConfig, got {type(cache).__name__}")
+        mesh = mesh or mesh_of(pair)
+        if mesh is not None:
+            if isinstance(cache, TailorKVConfig):
+                raise InputError("cache: TailorKV slots on a mesh are not supported yet (their prompt stores live in one "
+                                 "device's host memory); use the dense cache on a mesh")  # fmt: skip
+            try:
+                pair = pair_on_mesh(pair, mesh)
+            except ValueError as error:
+                raise InputError(str(error)) from None
         if isinstance(cache, TailorKVConfig):
             try:
                 cache.validate(pair.cfg)
@@ -135,7 +151,7 @@ class Engine:
         dtype = jax.tree.leaves(pair.instruct)[0].dtype
         slot_bytes = tailorkv_slot_bytes(cfg, cache, max_new_tokens, dtype) if isinstance(cache, TailorKVConfig) else None
         self.sizing = size_engine(cfg, itemsize, theta_cache * tree_bytes(pair.instruct), slots, max_len, layout,
-                                  slot_bytes=slot_bytes)  # fmt: skip
+                                  slot_bytes=slot_bytes, free=None if mesh is None else mesh_free_memory(cfg, mesh))  # fmt: skip
         self.pair, self.cfg, self.slots, self.cache = pair, cfg, self.sizing.slots, cache
         self.context = min(self.sizing.max_len, cfg.max_position_embeddings)  # prompt + generated tokens per request
         if max_new_tokens is not None and max_new_tokens >= self.context:
@@ -150,7 +166,7 @@ class Engine:
         self.runtime = Runtime(pair, slots=self.slots, max_len=self.context, steps_per_call=steps_per_call,
                                prefill_chunk=prefill_chunk, max_stop_tokens=max_stop_tokens, theta_cache=theta_cache,
                                extrapolate=extrapolate, layout=layout, kernel=kernel, cache=cache,
-                               max_new_tokens=max_new_tokens, profile=profile)  # fmt: skip
+                               max_new_tokens=max_new_tokens, profile=profile, mesh=mesh)  # fmt: skip
         self._in_flight: list[Pending] = []
         self._ids = itertools.count()
         self._born = time.perf_counter()

@@ -14,6 +14,8 @@ import time
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dami_jax.dami.pair import ModelPair
 from dami_jax.decoding.sampling import GREEDY, NO_TOP_K
@@ -21,8 +23,10 @@ from dami_jax.decoding.cache import CacheConfig
 from dami_jax.engine.cache import RowLayout, SlotKVCache
 from dami_jax.engine.requests import Request
 from dami_jax.engine.scheduler import DecodePlan, PackPlan, PiecePlan, Plan, Running
-from dami_jax.engine.steps import Pack, Piece, Settings, SlotState, Starts, decode, prefill
+from dami_jax.engine.placement import state_shardings
+from dami_jax.engine.steps import Pack, Piece, Settings, SlotState, Starts, decode, jitted_steps, prefill
 from dami_jax.engine.tailorkv_slots import SlotTailorKVCache
+from dami_jax.models.sharding import auto_axes
 from dami_jax.engine.thetas import ThetaCache
 from dami_jax.tailorkv.cache import TailorKVConfig
 
@@ -93,7 +97,8 @@ class Runtime:
 
     def __init__(self, pair: ModelPair, *, slots: int, max_len: int, steps_per_call: int, prefill_chunk: int,
                  max_stop_tokens: int, theta_cache: int, extrapolate: bool, layout: RowLayout, kernel: str = "xla",
-                 cache: CacheConfig | None = None, max_new_tokens: int | None = None, profile: bool = False):  # fmt: skip
+                 cache: CacheConfig | None = None, max_new_tokens: int | None = None, profile: bool = False,
+                 mesh: Mesh | None = None):  # fmt: skip
         self.pair, self.cfg, self.profile = pair, pair.cfg, profile
         self.steps_per_call, self.prefill_chunk, self.stop_width = steps_per_call, prefill_chunk, max_stop_tokens
         dtype = jax.tree.leaves(pair.instruct)[0].dtype
@@ -103,7 +108,14 @@ class Runtime:
             rows = SlotKVCache.create(pair.cfg, slots, max_len, dtype, layout, kernel)
         # Committed to their shardings (memory kinds included) from the start: every call, warm-up
         # first, then sees the argument shardings that the calls' outputs carry, so none recompiles.
-        self.state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), SlotState.create(rows, max_stop_tokens))
+        state = SlotState.create(rows, max_stop_tokens)
+        if mesh is None:
+            self.state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
+            self.prefill_step, self.decode_step = prefill, decode
+        else:
+            shardings = state_shardings(state, pair.cfg, mesh)
+            self.state = jax.device_put(state, shardings)
+            self.prefill_step, self.decode_step = jitted_steps(shardings, NamedSharding(auto_axes(mesh), P()))
         self.thetas = ThetaCache(pair, theta_cache, extrapolate)
         self.stats = EngineStats(slots)
 
@@ -158,7 +170,7 @@ class Runtime:
             settings=_settings([running.request for running, _, _ in entries] + [None] * pad, self.stop_width),
         )  # fmt: skip
         clock = time.perf_counter()
-        self.state, tokens, logprobs = prefill(self._theta(lam), self.state, piece, starts, cfg=self.cfg)
+        self.state, tokens, logprobs = self.prefill_step(self._theta(lam), self.state, piece, starts, cfg=self.cfg)
         if self.profile:
             jax.block_until_ready(tokens)
             self.stats.prefill_s += time.perf_counter() - clock
@@ -177,7 +189,7 @@ class Runtime:
         else:
             params, other = self._theta(plan.lam), None
         clock = time.perf_counter()
-        self.state, *outputs = decode(params, other, self.state, np.asarray(plan.live), np.int32(plan.steps),
+        self.state, *outputs = self.decode_step(params, other, self.state, np.asarray(plan.live), np.int32(plan.steps),
                                       cfg=self.cfg, rows=plan.rows, max_steps=self.steps_per_call)  # fmt: skip
         if self.profile:
             jax.block_until_ready(outputs)
@@ -200,7 +212,7 @@ class Runtime:
         idle = np.zeros(self.slots, bool)
         for rows in row_buckets:
             for other in (None, self.pair.thinking):
-                self.state, *_ = decode(self.pair.instruct, other, self.state, idle, np.int32(0), cfg=self.cfg, rows=rows,
+                self.state, *_ = self.decode_step(self.pair.instruct, other, self.state, idle, np.int32(0), cfg=self.cfg, rows=rows,
                                         max_steps=self.steps_per_call)  # fmt: skip
         for width in pack_widths:
             pack = Pack(np.zeros(width, np.int32), np.full(width, self.slots, np.int32), np.zeros(width, np.int32),
@@ -214,4 +226,4 @@ class Runtime:
         nobody = Request(-1, (0,), 0.0, 1, GREEDY, np.asarray(jax.random.key_data(jax.random.key(0))), (), 0.0)
         starts = Starts(slot=np.full(rows, self.slots, np.int32), last=np.zeros(rows, np.int32), starts=np.zeros(rows, bool),
                         settings=_settings([nobody] * rows, self.stop_width))  # fmt: skip
-        self.state, *_ = prefill(self.pair.instruct, self.state, piece, starts, cfg=self.cfg)
+        self.state, *_ = self.prefill_step(self.pair.instruct, self.state, piece, starts, cfg=self.cfg)

@@ -17,7 +17,7 @@ set is thus bounded: one :func:`decode` per rows bucket and kind (plain, mixed),
 
 from __future__ import annotations
 
-from functools import partial
+from typing import Callable
 
 import flax.struct
 import jax
@@ -121,9 +121,8 @@ def _stopped(token: jax.Array, generated: jax.Array, settings: Settings) -> jax.
     return jnp.any(token[:, None] == settings.stop, axis=-1) | (generated >= settings.max_new)
 
 
-@partial(jax.jit, static_argnames="cfg", donate_argnames="state")
-def prefill(params: Params, state: SlotState, piece: Pack | Piece, starts: Starts, *, cfg: ModelConfig
-            ) -> tuple[SlotState, jax.Array, jax.Array]:  # fmt: skip
+def prefill_call(params: Params, state: SlotState, piece: Pack | Piece, starts: Starts, *, cfg: ModelConfig
+                 ) -> tuple[SlotState, jax.Array, jax.Array]:  # fmt: skip
     """Run ``piece`` into its rows; for each prompt whose piece ends it, pick the request's first
     token from the logits after its last token and start its slot. Returns (state, tokens int32
     [n], log-probs float32 [n]), meaningful where ``starts.starts``."""
@@ -143,9 +142,8 @@ def prefill(params: Params, state: SlotState, piece: Pack | Piece, starts: Start
     return state, token, logprob
 
 
-@partial(jax.jit, static_argnames=("cfg", "rows", "max_steps"), donate_argnames="state")
-def decode(params: Params, mix_with: Params | None, state: SlotState, live: jax.Array, steps: jax.Array, *,
-           cfg: ModelConfig, rows: int, max_steps: int) -> tuple[SlotState, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+def decode_call(params: Params, mix_with: Params | None, state: SlotState, live: jax.Array, steps: jax.Array, *,
+                cfg: ModelConfig, rows: int, max_steps: int) -> tuple[SlotState, jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """``steps`` (int32 [], at most ``max_steps``) decode steps for slots 0..rows-1; the slots
     past them wait. ``live`` bool [slots]: the slots the host still serves (a cancelled or
     finished request's slot stops here, whatever the device thought). ``mix_with``: None, every
@@ -179,3 +177,15 @@ def decode(params: Params, mix_with: Params | None, state: SlotState, live: jax.
                           active=head(active_all, active),
                           settings=state.settings.replace(key_data=head(state.settings.key_data, keys)))  # fmt: skip
     return state, *outputs
+
+
+def jitted_steps(state: SlotState | None = None, replicated: jax.sharding.Sharding | None = None) -> tuple[Callable, Callable]:
+    """(prefill, decode) jitted, the state donated. On a mesh, ``state`` (a tree of the state's
+    shardings) pins each call's output state to the layout it came in with, and ``replicated``
+    its other outputs, so that no call meets a new layout and compiles again."""
+    outputs = (lambda n: None) if state is None else (lambda n: (state, *(replicated,) * n))
+    return (jax.jit(prefill_call, static_argnames="cfg", donate_argnames="state", out_shardings=outputs(2)),
+            jax.jit(decode_call, static_argnames=("cfg", "rows", "max_steps"), donate_argnames="state", out_shardings=outputs(3)))
+
+
+prefill, decode = jitted_steps()  # on one device

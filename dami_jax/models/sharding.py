@@ -27,15 +27,20 @@ def make_mesh(devices=None) -> Mesh:
     return jax.make_mesh((len(devices),), (AXIS,), (AxisType.Auto,), devices=devices)
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with Auto (GSPMD) axes, checked to have the tensor-parallel axis."""
+    if AXIS not in mesh.shape:
+        raise ValueError(f"mesh: needs an axis named {AXIS!r} (see dami_jax.make_mesh), got {tuple(mesh.shape)}")
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
     """A tree of ``NamedSharding`` matching :func:`param_shapes`.
 
     The mesh is used with Auto (GSPMD) axes whatever it was built with: under Explicit axes
     (``jax.make_mesh``'s default) sharding-in-types rejects the model's head reshapes.
     """
-    if AXIS not in mesh.shape:
-        raise ValueError(f"mesh: needs an axis named {AXIS!r} (see dami_jax.make_mesh), got {tuple(mesh.shape)}")
-    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    mesh = auto_axes(mesh)
     size = mesh.shape[AXIS]
 
     def sharding(path, shape):

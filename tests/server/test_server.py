@@ -185,10 +185,11 @@ def test_a_tailorkv_server_answers_concurrent_requests_as_generate_does_alone(pa
 
 
 def test_a_mixture_of_experts_pair_answers_concurrent_requests_as_generate_does_alone(tmp_path_factory):
-    """A tiny random Qwen3-MoE pair: rows at different lambdas decode together (the experts and the
-    router mixed per row), each as its theta(lambda) does alone."""
+    """A tiny random Qwen3-MoE pair served on a mesh of the 4 virtual CPU devices (one expert per
+    device, the KV cache replicated: 2 KV heads): rows at different lambdas decode together (the
+    experts and the router mixed per row), each as its theta(lambda) does alone on one device."""
     paths = write_tiny_pair(tmp_path_factory, moe=True)
-    moe = Server("--instruct", str(paths[0]), "--thinking", str(paths[1]), "--slots", "4", "--model-name", "dami-moe")
+    moe = Server("--instruct", str(paths[0]), "--thinking", str(paths[1]), "--slots", "4", "--model-name", "dami-moe", "--mesh", "tp=4")
     try:
         answers = eight_answers_at_mixed_lambdas(moe, "dami-moe", 12)
         pair = dj.load_pair(*paths)

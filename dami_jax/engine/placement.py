@@ -1,0 +1,69 @@
+"""The engine on a device mesh: where the pair and the slots' state live, and what memory the slots
+may take.
+
+The pair is tensor-parallel (:func:`dami_jax.models.sharding.param_shardings`: attention over
+heads, the MLP over its intermediate dimension, experts over the expert axis). The dense KV cache
+[slots, Hkv, capacity, hd] is split over KV heads, as attention is, and replicated where the mesh
+axis does not divide them; the rest of the state (per-slot settings, tokens, counters) is
+replicated. The steps' output state is pinned to the same shardings
+(:func:`~dami_jax.engine.steps.jitted_steps`), so that a mesh adds no compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dami_jax.dami.pair import ModelPair
+from dami_jax.engine.memory import free_memory
+from dami_jax.engine.steps import SlotState
+from dami_jax.models.config import ModelConfig
+from dami_jax.models.sharding import AXIS, auto_axes, param_shardings
+
+
+def mesh_of(pair: ModelPair) -> Mesh | None:
+    """The tensor-parallel mesh ``pair`` was loaded onto (``load_pair(..., mesh=...)``), if any: an
+    engine given such a pair runs on that mesh without being told."""
+    sharding = jax.tree.leaves(pair.instruct)[0].sharding
+    if isinstance(sharding, NamedSharding) and AXIS in sharding.mesh.shape and len(sharding.device_set) > 1:
+        return sharding.mesh
+    return None
+
+
+def pair_on_mesh(pair: ModelPair, mesh: Mesh) -> ModelPair:
+    """``pair`` with both endpoints placed on ``mesh`` (already placed leaves do not move)."""
+    shardings = param_shardings(pair.cfg, mesh)
+    return dataclasses.replace(pair, instruct=jax.device_put(pair.instruct, shardings), thinking=jax.device_put(pair.thinking, shardings))
+
+
+def kv_split(cfg: ModelConfig, mesh: Mesh) -> int:
+    """How many devices share one slot's KV cache: the mesh axis, when it divides the KV heads."""
+    size = mesh.shape[AXIS]
+    return size if cfg.num_kv_heads % size == 0 else 1
+
+
+def state_shardings(state: SlotState, cfg: ModelConfig, mesh: Mesh) -> SlotState:
+    """A tree of ``NamedSharding`` matching ``state``: KV split over heads where it can be."""
+    mesh = auto_axes(mesh)  # as the params' shardings have it
+    heads = NamedSharding(mesh, P(None, AXIS) if kv_split(cfg, mesh) > 1 else P())
+    replicated = NamedSharding(mesh, P())
+
+    def sharding(path, leaf):
+        names = [getattr(p, "name", None) for p in path]
+        return heads if names[:2] in (["cache", "k"], ["cache", "v"]) else replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
+
+
+def mesh_free_memory(cfg: ModelConfig, mesh: Mesh) -> tuple[int, str]:
+    """(bytes the slots' KV may count on, where): the least free device's memory times the devices
+    a slot's KV is split over; on virtual CPU devices, the host's memory once (they share it)."""
+    devices = list(mesh.devices.flat)
+    free = [free_memory(device) for device in devices]
+    if any(where == "host memory" for _, where in free):
+        return free[0]
+    split = kv_split(cfg, mesh)
+    return min(n for n, _ in free) * split, f"{free[0][1]} ({split} of {len(devices)} devices share each slot)"
