@@ -12,7 +12,9 @@ is updated in place. The params are a plain tree (a materialized theta(lambda), 
 for a decode where every busy slot shares one lambda), or for a decode with mixed lambdas both
 endpoints, mixed per row over ``SlotState.lam`` (:mod:`dami_jax.models.rowmix`). The compiled
 set is thus bounded: one :func:`decode` per rows bucket and kind (plain, mixed), one
-:func:`prefill` per packed width, and one for later pieces.
+:func:`prefill` per packed width, and one for later pieces. On a mesh the runtime jits the same
+two functions with their output state pinned to its shardings (:func:`jitted_steps`), so the set
+stays the same size.
 """
 
 from __future__ import annotations
