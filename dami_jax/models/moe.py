@@ -52,3 +52,20 @@ def experts_mlp(experts: Params, cfg: ModelConfig, x: jax.Array, logits: jax.Arr
     hidden = jax.nn.silu(grouped(x_sorted, experts["gate"])) * grouped(x_sorted, experts["up"])  # [B, T, k, I]
     out = grouped(hidden.reshape(b * t * k, -1)[order], experts["down"])  # [B, T, k, D]
     return jnp.einsum("btk,btkd->btd", weights, out)
+
+
+def dense_experts_mlp(experts: Params, cfg: ModelConfig, x: jax.Array, logits: jax.Array) -> jax.Array:
+    """The reference :func:`experts_mlp` is checked against: every expert on every token
+    ([B, T, E, D], E times the work), weighted by the same routing (zero for the experts not
+    chosen). No sorting, no grouped matmul."""
+    weights, chosen = route(logits, cfg)
+    gates = jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32) * weights[..., None], axis=-2)  # [B, T, E]
+
+    def every_expert(name: str, inputs: jax.Array, subscripts: str) -> jax.Array:
+        def product(w: jax.Array) -> jax.Array:  # inputs rounded to the weights' dtype as the grouped path does; products exact in float32
+            return jnp.einsum(subscripts, inputs.astype(w.dtype).astype(jnp.float32), w.astype(jnp.float32))
+
+        return per_row(experts[name], product)
+
+    hidden = jax.nn.silu(every_expert("gate", x, "btd,edi->btei")) * every_expert("up", x, "btd,edi->btei")
+    return jnp.einsum("bte,bted->btd", gates, every_expert("down", hidden, "btei,eid->bted"))

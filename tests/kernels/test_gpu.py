@@ -1,5 +1,6 @@
 """Compiled kernels on a GPU against the pure-jnp references (skipped without a GPU): the Pallas
-kernels through Pallas' Triton lowering, the Triton kernel through jax-triton. Sizes of a real
+kernels through Pallas' Triton lowering, the Triton kernel through jax-triton, the MoE MLP's
+grouped matmul (``ragged_dot``) against every expert on every token. Sizes of a real
 decode step: a 1024-token store, a ring of R + 1 = 129 tokens, SmolLM2's and Llama's GQA groups;
 a per-slot dense cache of 8192 slots with rows of very different lengths (NaN past them)."""
 
@@ -28,6 +29,7 @@ from kernel_cases import (
 
 import dami_jax as dj
 from dami_jax.models.attention import attention
+from dami_jax.models import moe
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv import cache, quant_attention
 from dami_kernels import decode_attention as pallas_dense
@@ -129,3 +131,20 @@ def test_tailorkv_generation_gives_the_xla_tokens(kernel):
     xla = dj.generate(params, cfg, rows, max_new_tokens=140, stop_tokens=[], cache=config)
     out = dj.generate(params, cfg, rows, max_new_tokens=140, stop_tokens=[], cache=dataclasses.replace(config, kernel=kernel))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(xla.tokens))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_grouped_experts_equal_every_expert_on_every_token(dtype, tolerance):
+    """``ragged_dot``'s GPU lowering in the MoE MLP: Qwen3-30B-A3B's routing (128 experts, 8 per
+    token, renormalized) at a reduced width, 2 x 48 tokens, against the dense reference."""
+    cfg = ModelConfig(architecture="qwen3_moe", vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=1,
+                      num_heads=4, num_kv_heads=4, head_dim=64, num_experts=128, experts_per_token=8,
+                      moe_intermediate_size=128, norm_topk_prob=True)  # fmt: skip
+    keys = jax.random.split(jax.random.key(0), 5)
+    e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    weights = {name: (0.1 * jax.random.normal(k, shape)).astype(dtype)
+               for k, (name, shape) in zip(keys, {"gate": (e, d, i), "up": (e, d, i), "down": (e, i, d)}.items())}  # fmt: skip
+    x, logits = jax.random.normal(keys[3], (2, 48, d)), 2.0 * jax.random.normal(keys[4], (2, 48, e))
+    with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):  # bf16 products as served
+        grouped, dense = (jax.jit(fn, static_argnums=1)(weights, cfg, x, logits) for fn in (moe.experts_mlp, moe.dense_experts_mlp))
+    assert rel_err(grouped, dense) < tolerance
