@@ -44,8 +44,9 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
     size = mesh.shape[AXIS]
 
     def sharding(path, shape):
-        name, parent = (getattr(p, "key", None) for p in (path[-1], path[-2] if len(path) > 1 else None))
-        axis = 0 if parent == "experts" else _SPLIT_AXIS.get(name)  # experts: whole experts per device
+        keys = [getattr(p, "key", None) for p in path]
+        name = keys[-1]
+        axis = 0 if keys[-2:-1] == ["experts"] else _SPLIT_AXIS.get(name)  # experts: whole experts per device
         # Heads must not straddle devices: split only whole heads (or whole MLP columns).
         unit = cfg.head_dim if name in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias") else 1
         if axis is None or (shape[axis] // unit) % size:
