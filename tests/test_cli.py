@@ -241,11 +241,32 @@ def test_sweep_ctrl_c_keeps_what_was_done_and_rerun_resumes(capsys, tmp_path, mo
         (["--mesh", "dp=2"], ["--mesh", "is not tp=N"]),
         (["--mesh", "tp=9"], ["--mesh tp=9", "only 4 device(s)"]),
         (["--mesh", "tp=2", "--cache", "tailorkv-1"], ["--mesh", "not supported yet", "--cache dense"]),
+        (["--coordinator", "nohost"], ["--coordinator", "'nohost' is not HOST:PORT"]),
+        (["--coordinator", "127.0.0.1:70000"], ["--coordinator", "is not HOST:PORT"]),
+        (["--coordinator", "127.0.0.1:1234"], ["--num-processes, --process-id missing"]),
+        (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], ["--process-id 2", "below --num-processes 2"]),
+        (["--num-processes", "0"], ["--num-processes", "not a positive integer"]),
     ],
 )
 def test_sweep_bad_arguments_write_nothing(capsys, tmp_path, args, fragments):
     out = tmp_path / "out"
     assert_user_error(*run(capsys, "sweep", "--out", str(out), *args)[::2], *fragments)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "env, fragments",
+    [
+        ({"JAX_NUM_PROCESSES": "two"}, ["$JAX_NUM_PROCESSES", "'two' is not a positive integer"]),
+        ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_PROCESS_ID": "0"}, ["--num-processes missing"]),
+        ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "5"}, ["--process-id 5"]),
+    ],
+)
+def test_process_settings_from_the_environment_are_checked_too(capsys, tmp_path, monkeypatch, env, fragments):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    assert_user_error(*run(capsys, *SMALL_SWEEP, "--out", str(out))[::2], *fragments)
     assert not out.exists()
 
 

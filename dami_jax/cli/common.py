@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -194,7 +195,8 @@ def prompt_style(args: argparse.Namespace) -> str:
     return "toy" if getattr(args, "benchmark", "toy") == "toy" and pair_name(args) == "toy" else "boxed"
 
 
-def pair_from(args: argparse.Namespace):
+def pair_from(args: argparse.Namespace, across_processes: bool = False):
+    """The pair the flags name, on the --mesh (``across_processes``: on every process's devices)."""
     from dami_jax.dami.pair import load_pair
     from dami_jax.toy.pair import toy_pair_paths
 
@@ -202,7 +204,7 @@ def pair_from(args: argparse.Namespace):
     if args.mesh and getattr(args, "cache", "dense") != "dense":
         raise UsageError(f"--mesh: TailorKV slots on a mesh are not supported yet; use --cache dense (got --cache {args.cache})")
     name = pair_name(args)
-    options = {"dtype": dtype_of(args.dtype), "mesh": mesh_from(args.mesh)}
+    options = {"dtype": dtype_of(args.dtype), "mesh": mesh_from(args.mesh, across_processes)}
     if name == "toy":
         return load_pair(*toy_pair_paths(), **options)
     if name is not None:
@@ -210,17 +212,82 @@ def pair_from(args: argparse.Namespace):
     return load_pair(checkpoint_folder(args.instruct, "--instruct"), checkpoint_folder(args.thinking, "--thinking"), **options)
 
 
-def mesh_from(size: int | None):
-    """--mesh tp=N: a tensor-parallel mesh over the first N devices (None without the flag)."""
+def mesh_from(size: int | None, across_processes: bool = False):
+    """--mesh tp=N: a tensor-parallel mesh over the first N of this process's devices (None without
+    the flag); ``across_processes``: over every process's devices (N, if given, must count them all)."""
     import jax
 
     from dami_jax.models.sharding import make_mesh
 
+    if across_processes:
+        if size not in (None, jax.device_count()):
+            raise UsageError(f"--mesh tp={size}: across {jax.process_count()} processes the mesh spans all {jax.device_count()} devices")
+        return make_mesh(jax.devices())
     if size is None:
         return None
-    if size > jax.device_count():
-        raise UsageError(f"--mesh tp={size}: only {jax.device_count()} device(s) here ({jax.default_backend()})")
-    return make_mesh(jax.devices()[:size])
+    if size > jax.local_device_count():
+        raise UsageError(f"--mesh tp={size}: only {jax.local_device_count()} device(s) here ({jax.default_backend()})")
+    return make_mesh(jax.local_devices()[:size])
+
+
+def address(text: str) -> str:
+    """'host:port', the port a number in 1-65535."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+address.__name__ = "HOST:PORT"
+PROCESS_ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
+def add_processes(parser: argparse.ArgumentParser, how: str) -> None:
+    """One job over several processes (jax.distributed): the coordinator, the count and this one's id."""
+    group = parser.add_argument_group("several processes (jax.distributed)", how)
+    group.add_argument("--coordinator", type=address, metavar="HOST:PORT",
+                       help=f"process 0's address, where the processes meet (else ${PROCESS_ENV['coordinator']})")  # fmt: skip
+    group.add_argument("--num-processes", type=positive_int, metavar="N", help=f"processes in the job (else ${PROCESS_ENV['num_processes']})")
+    group.add_argument("--process-id", type=nonnegative_int, metavar="I", help=f"this process, 0..N-1 (else ${PROCESS_ENV['process_id']})")
+
+
+def processes_from(args: argparse.Namespace) -> tuple[str, int, int] | None:
+    """(coordinator, processes, this one) from the flags or the environment; None for one process."""
+    given = {}
+    for name, env in PROCESS_ENV.items():
+        flag = "--" + name.replace("_", "-")
+        value, source = (getattr(args, name), flag) if getattr(args, name) is not None else (os.environ.get(env), f"${env}")
+        if value is not None:
+            kind = address if name == "coordinator" else positive_int if name == "num_processes" else nonnegative_int
+            try:
+                given[name] = kind(str(value))
+            except argparse.ArgumentTypeError as error:
+                raise UsageError(f"{source}: {error}") from None
+    if not given:
+        return None
+    missing = [f"--{n.replace('_', '-')}" for n in PROCESS_ENV if n not in given]
+    if missing:
+        raise UsageError(f"several processes need --coordinator, --num-processes and --process-id; {', '.join(missing)} missing")
+    if given["process_id"] >= given["num_processes"]:
+        raise UsageError(f"--process-id {given['process_id']}: must be below --num-processes {given['num_processes']}")
+    return given["coordinator"], given["num_processes"], given["process_id"]
+
+
+def join_processes(processes: tuple[str, int, int] | None) -> None:
+    """Join the job (before any device is touched); a process that cannot is a one-line error."""
+    if processes is None:
+        return
+    from dami_jax.distributed import initialize
+
+    coordinator, count, index = processes
+    try:
+        initialize(coordinator, count, index)
+    except RuntimeError as error:  # jax's runtime errors (a coordinator that never answers, say)
+        raise UsageError(f"--coordinator {coordinator}: process {index} of {count} could not join ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # --------------------------------------------------------------------------- the parser

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from dami_jax.cli.common import (
-    MIXES, ROUTERS, TRACES, Command, Interrupted, UsageError, add_benchmark, add_cache, add_models, add_pair, add_style,
-    check_lambdas, check_pair_args, fraction, keeps, nonnegative_float, nonnegative_int, open_fraction, out_folder,
-    pair_cache_config, pair_from, positive_float, positive_int, prompt_style, sampling_from, start_fresh,
+    MIXES, ROUTERS, TRACES, Command, Interrupted, UsageError, add_benchmark, add_cache, add_models, add_pair, add_processes,
+    add_style, check_lambdas, check_pair_args, fraction, join_processes, keeps, nonnegative_float, nonnegative_int, open_fraction,
+    out_folder, pair_cache_config, pair_from, positive_float, positive_int, processes_from, prompt_style, sampling_from, start_fresh,
 )
 from dami_jax.evals.records import ResultsFolder
 
@@ -46,13 +46,17 @@ def _problems(args: argparse.Namespace):
     return load_benchmark(args.benchmark, limit=args.limit)
 
 
-def _claim_settings(out: Path, fresh: bool, settings: dict[str, Any]) -> None:
-    """--fresh moves earlier results aside; otherwise other settings are refused before the pair
-    loads (the models' hashes, and a TailorKV cache, whose split comes from the models' layer
-    profiles, are checked after)."""
-    if fresh:
+def _claim_settings(out: Path, fresh: bool, settings: dict[str, Any], split: bool = False) -> None:
+    """--fresh moves earlier results aside (process 0 of a split job, while the others wait);
+    otherwise other settings are refused before the pair loads (the models' hashes, and a TailorKV
+    cache, whose split comes from the models' layer profiles, are checked after)."""
+    from dami_jax.distributed import barrier, leader
+
+    if fresh and leader():
         start_fresh(out)
-    else:
+    if fresh and split:
+        barrier(f"fresh {out}")
+    if not fresh:
         ResultsFolder(out).check({k: v for k, v in settings.items() if k != "cache"})
 
 
@@ -64,17 +68,26 @@ def _with_cache(config, args: argparse.Namespace, pair):
 def _sweep(args: argparse.Namespace) -> None:
     config = _sweep_config(args)
     out = out_folder(args.out)
+    processes = processes_from(args)
 
     from dami_jax.evals.frontier import format_table, frontier_shape, sweep_points
     from dami_jax.evals.plots import plot_frontier
+    from dami_jax.evals.records import part_path
     from dami_jax.evals.sweep import RECORDS_FILE, run_sweep
 
-    _claim_settings(out, args.fresh, config.settings())
+    join_processes(processes)
+    split = processes is not None
+    _claim_settings(out, args.fresh, config.settings(), split)
     problems = _problems(args)
     pair = pair_from(args)
     config = _with_cache(config, args, pair)
-    with keeps("answers", out / RECORDS_FILE):
-        records = run_sweep(pair, problems, out, config)
+    logs = (out / RECORDS_FILE, part_path(out / RECORDS_FILE, processes[2])) if split else (out / RECORDS_FILE,)
+    with keeps("answers", *logs):
+        records = run_sweep(pair, problems, out, config, split=split)
+    if split and processes[2] != 0:
+        print(f"dami-jax: process {processes[2]} of {processes[1]} answered its share; process 0 merged every share into "
+              f"{out / RECORDS_FILE}", file=sys.stderr)  # fmt: skip
+        return
     points = sweep_points(records)
     print(format_table(points))
     shape = frontier_shape(points)
@@ -223,6 +236,8 @@ def register(command: Command) -> None:
     add_benchmark(sweep)
     add_cache(sweep)
     sweep.add_argument("--fresh", action="store_true", help="move earlier results in --out aside and start over")
+    add_processes(sweep, "each process answers its share of the (lambda, problem) cells on its own devices (--mesh: over "
+                         "its own); process 0 merges the records into --out, which every process must reach")  # fmt: skip
 
     diag = command("diagnose", "representation continuity (CKA) and loss barrier along the path", _diagnose)
     add_pair(diag, "runs/diagnose")

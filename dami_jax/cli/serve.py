@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from dami_jax.cli.common import (
-    TEMPLATES, Command, UsageError, add_cache, add_models, check_pair_args, nonnegative_int, pair_cache_config, pair_from, pair_name,
-    positive_float, positive_int,
+    TEMPLATES, Command, UsageError, add_cache, add_models, add_processes, check_pair_args, join_processes, nonnegative_int,
+    pair_cache_config, pair_from, pair_name, positive_float, positive_int, processes_from,
 )
 
 PORTS = range(0, 65536)
@@ -83,27 +83,43 @@ def _serve(args: argparse.Namespace) -> None:
 
         if not (Path(args.router) / META_FILE).is_file():
             raise UsageError(f"--router {args.router}: not a router folder (no {META_FILE}; make one with dami-jax train-router) nor conf")
-    sock = _listen(args.host, args.port)
+    processes = processes_from(args)
+    if processes is not None and args.router is not None:
+        raise UsageError("--router: a router runs the models outside the engine, which a server over several processes cannot yet")
+    if processes is not None and args.cache != "dense":
+        raise UsageError(f"--cache {args.cache}: TailorKV slots on a mesh are not supported yet; a server over several processes "
+                         "takes --cache dense")  # fmt: skip
+    follower = processes is not None and processes[2] != 0
+    sock = None if follower else _listen(args.host, args.port)
 
     import jax
     import uvicorn
 
     from dami_jax.engine.engine import Engine
+    from dami_jax.engine.lockstep import follow
     from dami_jax.models.assets import cache_dir
     from dami_jax.server.app import ServerConfig, Service, create_app
     from dami_jax.server.intensity import Intensity, load_router
 
+    join_processes(processes)
     # Compiled programs persist across starts: a restart loads the warm-up's compilations from disk.
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    pair = pair_from(args)
+    pair = pair_from(args, across_processes=processes is not None)
     router, router_name = load_router(args.router, pair) if args.router else (None, None)
     engine = Engine(pair, slots=args.slots, max_len=args.max_len, steps_per_call=args.steps_per_call,
                     cache=pair_cache_config(args.cache, pair), max_new_tokens=args.max_new_tokens)  # fmt: skip
     print(f"dami-jax: {engine.sizing.describe()}; compiling every shape it can run ...", file=sys.stderr, flush=True)
     warmup_s = engine.warmup()
+    if follower:
+        print(f"dami-jax: process {processes[2]} of {processes[1]} follows process 0's engine (compiled in {warmup_s:.1f} s)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        steps = follow(engine)
+        print(f"dami-jax: process 0 stopped; this process took {steps} engine steps with it", file=sys.stderr)
+        return
     named = pair_name(args)
     name = args.model_name or (f"dami-{named}" if named else f"dami:{Path(args.instruct).name}+{Path(args.thinking).name}")
-    config = ServerConfig(name, args.template, api_key, args.max_queue, args.drain_timeout, args.max_body_bytes)
+    config = ServerConfig(name, args.template, api_key, args.max_queue, args.drain_timeout, args.max_body_bytes,
+                          across_processes=processes is not None)  # fmt: skip
     intensity = Intensity(router=router) if efforts is None else Intensity(efforts, router)
     service = Service(pair, engine, intensity, config)
 
@@ -112,7 +128,8 @@ def _serve(args: argparse.Namespace) -> None:
             await super().startup(sockets)
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
-                print(f"dami-jax: serving {name} on http://{host}:{port}/v1 ({engine.slots} slots, "
+                spread = "" if processes is None else f", over {processes[1]} processes and {jax.device_count()} devices"
+                print(f"dami-jax: serving {name} on http://{host}:{port}/v1 ({engine.slots} slots{spread}, "
                       f"{engine.context} tokens per request, {args.cache} cache, router: {router_name or 'none'}; "
                       f"compiled in {warmup_s:.1f} s)",
                       flush=True)  # fmt: skip
@@ -157,4 +174,6 @@ def register(command: Command) -> None:
     serve.add_argument("--api-key-file", metavar="FILE", help=f"the API key, from the first line of FILE (else ${API_KEY_ENV})")
     serve.add_argument("--max-body-bytes", type=positive_int, metavar="N", default=MAX_BODY_BYTES,
                        help="larger request bodies get 413 before they are read")  # fmt: skip
+    add_processes(serve, "process 0 runs the HTTP server and the engine's scheduler; every process holds its share of the "
+                         "weights and KV cache (the mesh spans all their devices) and takes each engine step with it")  # fmt: skip
     serve.add_argument("--model-name", metavar="NAME", help="the model id clients name (default: dami-<pair>, e.g. dami-toy, or from the folders)")

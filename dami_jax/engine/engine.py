@@ -95,7 +95,10 @@ class Engine:
     ``mesh``: a device mesh with a ``"tp"`` axis (``dj.make_mesh()``; default: the mesh the pair
     was loaded onto, if any): the pair tensor-parallel on it, the KV cache split over KV heads, the
     steps compiled once with their layouts pinned (:mod:`~dami_jax.engine.placement`); slot
-    sizing reads every device's memory. Dense cache only.
+    sizing reads every device's memory. Dense cache only. On a mesh over several processes
+    (``jax.distributed``), every process builds the same engine and makes the same calls: each
+    gives it the same requests (``dj.serve`` called by all), or process 0 takes them and the others
+    follow it (:mod:`~dami_jax.engine.lockstep`).
     """
 
     def __init__(

@@ -32,7 +32,7 @@ def kv_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
 def free_memory(device: jax.Device | None = None) -> tuple[int, str]:
     """(free bytes, where): the device's unused memory, or the host's available memory where the
     device reports no limit (a CPU)."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.device_kind} memory"

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dami_jax.dami.pair import ModelPair
+from dami_jax.distributed import least
 from dami_jax.engine.memory import free_memory
 from dami_jax.engine.steps import SlotState
 from dami_jax.models.config import ModelConfig
@@ -60,10 +61,13 @@ def state_shardings(state: SlotState, cfg: ModelConfig, mesh: Mesh) -> SlotState
 
 def mesh_free_memory(cfg: ModelConfig, mesh: Mesh) -> tuple[int, str]:
     """(bytes the slots' KV may count on, where): the least free device's memory times the devices
-    a slot's KV is split over; on virtual CPU devices, the host's memory once (they share it)."""
-    devices = list(mesh.devices.flat)
+    a slot's KV is split over; on virtual CPU devices, the host's memory once (they share it). A
+    process reads its own devices; on a mesh over several processes they agree on the least, so
+    that every process sizes the same engine."""
+    devices = [device for device in mesh.devices.flat if device.process_index == jax.process_index()]
+    agree = least if len(devices) < mesh.devices.size else int
     free = [free_memory(device) for device in devices]
     if any(where == "host memory" for _, where in free):
-        return free[0]
+        return agree(free[0][0]), free[0][1]
     split = kv_split(cfg, mesh)
-    return min(n for n, _ in free) * split, f"{free[0][1]} ({split} of {len(devices)} devices share each slot)"
+    return agree(min(n for n, _ in free)) * split, f"{free[0][1]} ({split} of {mesh.devices.size} devices share each slot)"

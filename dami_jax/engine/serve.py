@@ -17,6 +17,7 @@ from dami_jax.decoding.sampling import GREEDY, Sampling
 from dami_jax.engine.cache import RowLayout
 from dami_jax.engine.engine import THETA_CACHE, Engine, tree_bytes
 from dami_jax.engine.memory import size_engine
+from dami_jax.engine.placement import mesh_free_memory, mesh_of
 from dami_jax.engine.tailorkv_slots import tailorkv_slot_bytes
 from dami_jax.errors import InputError
 from dami_jax.tailorkv.cache import TailorKVConfig
@@ -71,8 +72,9 @@ def serve(
         thetas = engine_options.get("theta_cache", THETA_CACHE) * tree_bytes(pair.instruct)
         layout = engine_options.get("layout", RowLayout())
         slot_bytes = tailorkv_slot_bytes(pair.cfg, cache, engine_options["max_new_tokens"], dtype) if tailorkv else None
+        mesh = engine_options.get("mesh") or mesh_of(pair)
         slots = size_engine(pair.cfg, dtype.itemsize, thetas, None, max_len, layout, most_slots=min(count, MAX_DEFAULT_SLOTS),
-                            slot_bytes=slot_bytes).slots  # fmt: skip
+                            slot_bytes=slot_bytes, free=None if mesh is None else mesh_free_memory(pair.cfg, mesh)).slots  # fmt: skip
     engine_options.setdefault("admission", "lambda")
     engine = Engine(pair, slots=slots, max_len=max_len, extrapolate=extrapolate, cache=cache, **engine_options)
     for i, prompt in enumerate(prompts):

@@ -27,13 +27,15 @@ def run_grid(
     unit: str,
     describe: Callable[[Any], str] = str,
     progress: bool = True,
+    mine: Callable[[Hashable, Hashable], bool] = lambda cell, item: True,
 ) -> list[Record]:
     """Run ``work(cell, pending items)`` for each cell with unfinished items; it yields batches of
     records as it goes, each appended to ``log`` at once (and counted on a progress bar). Returns
-    the records of this grid, old and new, in log order."""
+    the records of this grid, old and new, in log order. ``mine``: which (cell, item) pairs are
+    this run's to do (a process's share of a split grid)."""
     done = log.done(key)
-    todo = [(cell, [item for item in items if (cell, item) not in done]) for cell in cells]
-    total = len(cells) * len(items)
+    todo = [(cell, [item for item in items if mine(cell, item) and (cell, item) not in done]) for cell in cells]
+    total = sum(mine(cell, item) for cell in cells for item in items)
     with tqdm(total=total, initial=total - sum(len(p) for _, p in todo), desc=desc, unit=unit, disable=not progress) as bar:
         for cell, pending in todo:
             if not pending:

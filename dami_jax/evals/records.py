@@ -4,6 +4,8 @@ and never reuse results made with other settings.
 - :class:`JsonlLog`: one JSON record per line; each batch is one ``write`` + ``fsync``, so a crash
   can only leave the *last* line torn (no newline). Reading drops a torn last line; an unreadable
   line anywhere else is an error naming the file and line number. Nothing valid is ever deleted.
+- :class:`SharedLog`: a log that the processes of a split job fill at once, each through a part
+  of its own; :func:`merge_parts` folds the parts in when all are done.
 - :class:`ResultsFolder`: ``settings.json`` holds everything that changes a record (the models'
   content hashes, benchmark, template, sampling, seed, token budget, dtype, ...). Resuming with
   other settings is refused with the differences named; :meth:`ResultsFolder.start_fresh` moves
@@ -51,10 +53,11 @@ class StaleResultsError(RecordsError):
 
 
 class JsonlLog:
-    """An append-only JSONL file of records (dicts)."""
+    """An append-only JSONL file of records (dicts). ``repair=False`` reads a file that another
+    process may be appending to: a torn last line is skipped, not cut off."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, repair: bool = True):
+        self.path, self.repair = Path(path), repair
         self.records: list[dict[str, Any]] = self._read()
 
     def _read(self) -> list[dict[str, Any]]:
@@ -73,10 +76,12 @@ class JsonlLog:
         if tail.strip():  # the last line has no newline: a complete record, or one torn by a crash
             try:
                 records.append(json.loads(tail))
-                self._append(b"\n")
+                if self.repair:
+                    self._append(b"\n")
             except json.JSONDecodeError:
-                with open(self.path, "r+b") as f:
-                    f.truncate(len(data) - len(tail))
+                if self.repair:
+                    with open(self.path, "r+b") as f:
+                        f.truncate(len(data) - len(tail))
         return records
 
     def done(self, key: Callable[[dict[str, Any]], Hashable]) -> set[Hashable]:
@@ -95,6 +100,49 @@ class JsonlLog:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+
+
+def part_path(path: str | Path, process: int) -> Path:
+    """Where process ``process`` of a split job appends its share of ``path``'s records."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.process{process}{path.suffix}")
+
+
+def part_paths(path: str | Path) -> list[Path]:
+    """Every process's part of ``path`` that is on disk."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{path.stem}.process*{path.suffix}"))
+
+
+class SharedLog(JsonlLog):
+    """A log that several processes fill at once (a split sweep): each appends to a part of its own
+    (:func:`part_path`), so that no two processes write one file; ``records`` are the log's and
+    every part's, so that a rerun with any number of processes skips what any of them finished.
+    :func:`merge_parts` folds the parts into the log once every process is done."""
+
+    def __init__(self, path: str | Path, process: int):
+        main = Path(path)
+        super().__init__(part_path(main, process))
+        others = [main, *(p for p in part_paths(main) if p != self.path)]
+        self.records = [r for other in others for r in JsonlLog(other, repair=False).records] + self.records
+
+
+def merge_parts(path: str | Path, key: Callable[[dict[str, Any]], Hashable]) -> list[dict[str, Any]]:
+    """Fold every part of ``path`` into it (one atomic write, one record per key), then delete the
+    parts; returns the merged records. A crash in between loses nothing: the parts' records are in
+    the log, and the next merge drops them as repeats."""
+    path, parts = Path(path), part_paths(path)
+    records, seen = [], set()
+    for source in [path, *parts]:
+        for record in JsonlLog(source).records:
+            if key(record) not in seen:
+                seen.add(key(record))
+                records.append(record)
+    if parts:
+        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        for part in parts:
+            part.unlink()
+    return records
 
 
 class ResultsFolder:

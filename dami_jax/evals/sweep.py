@@ -22,12 +22,13 @@ from dami_jax.dami.pair import TEMPLATES, ModelPair, template_for
 from dami_jax.decoding.cache import CacheConfig, DenseCacheConfig
 from dami_jax.decoding.generation import PROMPT_BUCKET
 from dami_jax.decoding.sampling import GREEDY, Sampling
+from dami_jax.distributed import barrier, leader
 from dami_jax.engine.engine import Engine
 from dami_jax.evals.answering import answer_on_engine, problem_hash
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.grid import run_grid
 from dami_jax.evals.prompts import prompt_tokens
-from dami_jax.evals.records import ResultsFolder, StaleResultsError
+from dami_jax.evals.records import ResultsFolder, SharedLog, StaleResultsError, merge_parts
 from dami_jax.tailorkv.cache import TailorKVConfig
 
 DEFAULT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -115,17 +116,24 @@ def run_sweep(
     config: SweepConfig = SweepConfig(),
     *,
     progress: bool = True,
+    split: bool = False,
 ) -> list[dict[str, Any]]:
     """Sweep ``config.lambdas`` over ``problems`` into the results folder ``out_dir``; returns all
     records of this grid (old and new). Raises :class:`StaleResultsError` when the folder holds
     results made with other settings or other problems under the same ids
-    (``ResultsFolder(out_dir).start_fresh()`` moves them aside)."""
+    (``ResultsFolder(out_dir).start_fresh()`` moves them aside).
+
+    ``split``: every process of a ``jax.distributed`` job calls this with the same arguments and
+    answers its share of the (lambda, problem) cells (:func:`owner`) on its own devices, into a
+    part of the records of its own (:class:`~dami_jax.evals.records.SharedLog`); once all are done,
+    process 0 merges the parts into ``records.jsonl`` and every process returns the whole grid. A
+    rerun, with any number of processes, answers only what no process finished."""
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         raise ValueError("problems: ids must be unique (they key the resumable log)")
     folder = ResultsFolder(out_dir)
     folder.claim({**config.settings(), **pair_settings(pair)}, config.required)
-    log = folder.log(RECORDS_FILE)
+    log = SharedLog(folder.path / RECORDS_FILE, jax.process_index()) if split else folder.log(RECORDS_FILE)
     by_id = {p.id: p for p in problems}
     hashes = {p.id: problem_hash(p) for p in problems}
     changed = {r["id"]: r.get("problem_hash") for r in log.records if hashes.get(r["id"], r.get("problem_hash")) != r.get("problem_hash")}
@@ -147,5 +155,20 @@ def run_sweep(
         for records in answers:
             yield [{"lambda": lam, "template": template, **r} for r in records]
 
-    return run_grid(log, lambdas, ids, _key, work, desc="sweep", unit="answer",
-                    describe=lambda lam: f"lambda={lam:g}", progress=progress)  # fmt: skip
+    processes, index = (jax.process_count(), jax.process_index()) if split else (1, 0)
+    records = run_grid(log, lambdas, ids, _key, work, desc="sweep", unit="answer", describe=lambda lam: f"lambda={lam:g}",
+                       progress=progress, mine=lambda lam, i: owner(lam, i, processes) == index)  # fmt: skip
+    if not split:
+        return records
+    barrier(f"sweep {folder.path}: answered")
+    if leader():
+        merge_parts(folder.path / RECORDS_FILE, _key)
+    barrier(f"sweep {folder.path}: merged")
+    wanted = {(lam, i) for lam in lambdas for i in ids}
+    return [r for r in folder.log(RECORDS_FILE).records if _key(r) in wanted]
+
+
+def owner(lam: float, problem_id: str, processes: int) -> int:
+    """Which of ``processes`` answers (lambda, problem) in a split sweep: a stable hash of the two,
+    so that the shares are even and a rerun deals them out the same way."""
+    return zlib.crc32(f"{lam:.6f}/{problem_id}".encode()) % processes

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 from dami_jax.dami.pair import ModelPair, template_for
 from dami_jax.decoding.sampling import GREEDY, Sampling
 from dami_jax.engine.engine import Engine, Result, TokenEvent
+from dami_jax.engine.lockstep import Leader
 from dami_jax.errors import InputError
 from dami_jax.server.intake import budgets, check_length, parse, read_json, tokenize
 from dami_jax.server.intensity import Intensity, stop_strings
@@ -63,6 +64,9 @@ class ServerConfig:
     max_queue: int = 64  # waiting requests beyond which a new one gets 429
     drain_timeout_s: float = 30.0  # on shutdown, how long requests in flight may take to finish
     max_body_bytes: int = MAX_BODY_BYTES  # larger bodies get 413 before they are read
+    # The engine spans processes (jax.distributed): its followers replay each step; log-probs,
+    # which the model computes outside the engine, are refused.
+    across_processes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +140,8 @@ class Service:
         self.pair, self.engine, self.intensity, self.config = pair, engine, intensity, config
         self.metrics = Metrics()
         self.metrics.started(engine)
-        self.runner = EngineRunner(engine, max_queue=config.max_queue, on_step=self.metrics.after_step)
+        self.runner = EngineRunner(engine, max_queue=config.max_queue, on_step=self.metrics.after_step,
+                                   leader=Leader() if config.across_processes else None)  # fmt: skip
         self.scorer = Scorer(pair)
         self.spellings = {name: Spelling(tokenizer) for name, tokenizer in pair.tokenizers.items()}
         self.chars_per_token = max(len(token) for tokenizer in pair.tokenizers.values() for token in tokenizer.get_vocab())
@@ -146,6 +151,8 @@ class Service:
             raise RequestError(f"model {req.model!r} is not served here; GET /v1/models lists {self.config.model_name!r}",
                                "model", "model_not_found", 404)  # fmt: skip
         chat, asked, stops = isinstance(req, ChatRequest), _Asked.of(req), stop_strings(req.stop)
+        if asked.logprobs and self.config.across_processes:
+            raise RequestError("logprobs: not available from a server that spans several processes", "logprobs")
         check_length(req, self.engine.context, self.chars_per_token)
         lam, template, prompts = await asyncio.to_thread(self._prompts, req)
         tokenizer, spelling = self.pair.tokenizers[template], self.spellings[template]

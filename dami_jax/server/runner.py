@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from dami_jax.engine.engine import Engine, TokenEvent
+from dami_jax.engine.lockstep import Leader
 
 IDLE_WAIT_S = 0.05  # how long the idle thread sleeps between looks at its commands
 
@@ -45,10 +46,12 @@ class _Cancel:
 class EngineRunner:
     """Runs ``engine`` on a background thread. ``max_queue``: waiting requests beyond which
     :meth:`submit` raises :class:`QueueFull`. ``on_step``: called on the engine thread after
-    every step with the engine (for gauges)."""
+    every step with the engine (for gauges). ``leader``: the engine spans processes, whose
+    followers replay what this thread applies (:mod:`~dami_jax.engine.lockstep`)."""
 
-    def __init__(self, engine: Engine, *, max_queue: int = 64, on_step: Callable[[Engine], None] | None = None):
-        self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
+    def __init__(self, engine: Engine, *, max_queue: int = 64, on_step: Callable[[Engine], None] | None = None,
+                 leader: Leader | None = None):  # fmt: skip
+        self.engine, self.max_queue, self.on_step, self.leader = engine, max_queue, on_step, leader
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._callbacks: dict[int, Callable[[TokenEvent | BaseException], None]] = {}
         self._accepting = True
@@ -95,6 +98,8 @@ class EngineRunner:
         try:
             while not self._stopping.is_set():
                 self._take_commands(block=self.engine.idle)
+                if self.leader is not None:
+                    self.leader.share()
                 if not self.engine.idle:
                     for event in self.engine.step():
                         self._deliver(event)
@@ -106,6 +111,9 @@ class EngineRunner:
                 callback(error)
             self._callbacks.clear()
             raise
+        finally:
+            if self.leader is not None:
+                self.leader.stop()
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -122,6 +130,8 @@ class EngineRunner:
     def _run(self, command: _Submit | _Cancel) -> None:
         if isinstance(command, _Cancel):
             result = self.engine.cancel(command.request_id)
+            if self.leader is not None:
+                self.leader.cancelled(command.request_id)
             if result is not None:
                 self._deliver(TokenEvent(result.id, (), result))
             return
@@ -133,6 +143,8 @@ class EngineRunner:
         except Exception as error:  # noqa: BLE001 - the caller's to report (a bad request, most often)
             command.answer.set_exception(error)
             return
+        if self.leader is not None:
+            self.leader.submitted(command.options)
         self._callbacks[request_id] = command.on_event
         command.answer.set_result(request_id)
 

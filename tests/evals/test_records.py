@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dami_jax.errors import InputError
-from dami_jax.evals.records import JsonlLog, RecordsError, ResultsFolder, StaleResultsError
+from dami_jax.evals.records import JsonlLog, RecordsError, ResultsFolder, SharedLog, StaleResultsError, merge_parts, part_paths
 from dami_jax.files import check_output_folder, write_atomic
 
 
@@ -29,6 +29,33 @@ def test_a_complete_last_record_without_newline_is_kept(tmp_path):
     assert JsonlLog(path).records == [{"a": 1}, {"a": 2}]
     JsonlLog(path).extend([{"a": 3}])
     assert JsonlLog(path).records == [{"a": 1}, {"a": 2}, {"a": 3}]
+
+
+def test_processes_append_to_parts_of_their_own_and_read_everyone_s(tmp_path):
+    main = tmp_path / "records.jsonl"
+    main.write_text(_lines({"k": 0}))
+    first, second = SharedLog(main, 0), SharedLog(main, 1)
+    first.extend([{"k": 1}])
+    second.extend([{"k": 2}])
+    part = tmp_path / "records.process1.jsonl"
+    torn = part.read_text() + '{"k": 3, "cut'  # process 1 is mid-append
+    part.write_text(torn)
+    assert sorted(r["k"] for r in SharedLog(main, 0).records) == [0, 1, 2]
+    assert part.read_text() == torn  # another process's part is read, never cut
+    assert sorted(r["k"] for r in SharedLog(main, 1).records) == [0, 1, 2]  # its own process repairs it
+    assert part.read_text() == _lines({"k": 2})
+    assert part_paths(main) == [tmp_path / "records.process0.jsonl", part]
+    assert main.read_text() == _lines({"k": 0})  # no process writes the log itself
+
+
+def test_merging_folds_the_parts_in_once(tmp_path):
+    main = tmp_path / "records.jsonl"
+    SharedLog(main, 0).extend([{"k": 1}, {"k": 3}])
+    SharedLog(main, 1).extend([{"k": 2}])
+    SharedLog(main, 1).extend([{"k": 2}])  # a repeat (as after a crash between a merge's write and its cleanup)
+    merged = merge_parts(main, key=lambda r: r["k"])
+    assert merged == JsonlLog(main).records == [{"k": 1}, {"k": 3}, {"k": 2}] and not part_paths(main)
+    assert merge_parts(main, key=lambda r: r["k"]) == merged  # nothing left to fold: unchanged
 
 
 def test_an_unreadable_line_elsewhere_is_an_error_naming_file_and_line(tmp_path):

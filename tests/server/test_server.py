@@ -234,6 +234,7 @@ def test_serve_checks_its_arguments_before_loading_models(tmp_path):
     port = str(busy.getsockname()[1])
     missing = ["--instruct", str(tmp_path / "no-model"), "--thinking", str(tmp_path / "no-model")]  # loading would fail
     (tmp_path / "empty-key").write_text("\n")
+    processes = ["--coordinator", f"{HOST}:{port}", "--num-processes", "2", "--process-id", "0"]
     try:
         for args, fragment in ((["--router", str(tmp_path)], "not a router folder"), (["--port", "70000"], "--port 70000"),
                                (["--effort-map", str(tmp_path / "none.json")], "--effort-map"),
@@ -241,7 +242,9 @@ def test_serve_checks_its_arguments_before_loading_models(tmp_path):
                                (["--host", "no-such-host.invalid", *missing], "--host no-such-host.invalid"),
                                (["--api-key", "k", "--api-key-file", str(tmp_path / "empty-key")], "give one"),
                                (["--api-key-file", str(tmp_path / "empty-key")], "one word"),
-                               (["--max-body-bytes", "0"], "--max-body-bytes")):  # fmt: skip
+                               (["--max-body-bytes", "0"], "--max-body-bytes"),
+                               (["--router", "conf", *processes], "--router: a router runs the models outside the engine"),
+                               (["--cache", "tailorkv-1", *processes], "--cache tailorkv-1: TailorKV slots on a mesh")):  # fmt: skip
             done = subprocess.run([sys.executable, "-m", "dami_jax.cli", "serve", "--host", HOST, *args], capture_output=True,
                                   text=True, timeout=60)  # fmt: skip
             assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
