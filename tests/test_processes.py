@@ -40,7 +40,7 @@ from dami_jax.toy.evaluation import toy_problems
 pytestmark = pytest.mark.xdist_group("processes")  # two processes of 2 devices each: one such job at a time
 
 HOST = "127.0.0.1"
-DEADLINE_S = 240  # per job: start, compile, work
+DEADLINE_S = 480  # per job: start, compile, work (on 2 busy cores)
 # Each process: 2 virtual devices; float32 matmuls in full (the single-device references use it too).
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
 SWEEP = ["sweep", "--n-per-level", "2", "--lambdas", "0,0.5,1", "--max-new-tokens", "40", "--batch-size", "2"]
