@@ -135,8 +135,9 @@ def test_a_sweep_split_over_two_processes_writes_what_one_process_writes(tmp_pat
         (code0, out0, err0), (code1, _, err1) = job.wait()
     assert code0 == 0 and code1 == 0, (err0[-2000:], err1[-2000:])
     assert "process 1 of 2 answered its share" in err1 and "accuracy" in out0  # process 0 prints the table
-    shares = [int(re.findall(r"(\d+)/36 \[", err)[-1]) for err in (err0, err1)]  # each progress bar's last count
-    assert sum(shares) == 36 and min(shares) >= 12
+    bars = [re.findall(r"(\d+)/(\d+) \[", err)[-1] for err in (err0, err1)]  # each progress bar's last count / total
+    assert all(done == share for done, share in bars)
+    assert sum(int(share) for _, share in bars) == 36 and min(int(share) for _, share in bars) >= 12  # its share
     assert answers(two) == answers(one)
     assert not part_paths(two / "records.jsonl")  # merged
     assert json.loads((two / "settings.json").read_text()) == json.loads((one / "settings.json").read_text())
