@@ -127,12 +127,14 @@ def run_sweep(
     answers its share of the (lambda, problem) cells (:func:`owner`) on its own devices, into a
     part of the records of its own (:class:`~dami_jax.evals.records.SharedLog`); once all are done,
     process 0 merges the parts into ``records.jsonl`` and every process returns the whole grid. A
-    rerun, with any number of processes, answers only what no process finished."""
+    rerun, with any number of processes or without ``split``, answers only what no process finished."""
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         raise ValueError("problems: ids must be unique (they key the resumable log)")
     folder = ResultsFolder(out_dir)
     folder.claim({**config.settings(), **pair_settings(pair)}, config.required)
+    if not split:  # one process owns the folder: what a split job that died left in parts joins the log
+        merge_parts(folder.path / RECORDS_FILE, _key)
     log = SharedLog(folder.path / RECORDS_FILE, jax.process_index()) if split else folder.log(RECORDS_FILE)
     by_id = {p.id: p for p in problems}
     hashes = {p.id: problem_hash(p) for p in problems}

@@ -15,7 +15,7 @@ from dami_jax.evals.answering import answer
 from dami_jax.evals.benchmarks import Problem
 from dami_jax.evals.frontier import SweepPoint, format_table, frontier_shape, pareto_frontier, sweep_points
 from dami_jax.evals.plots import frontier_labels, plot_frontier, plot_frontier_panels
-from dami_jax.evals.records import JsonlLog, StaleResultsError
+from dami_jax.evals.records import JsonlLog, StaleResultsError, part_path, part_paths
 from dami_jax.evals.sweep import RECORDS_FILE, SweepConfig, record_keys, run_sweep
 from dami_jax.toy.evaluation import toy_problems
 from dami_jax.toy.pair import load_toy_pair
@@ -57,6 +57,22 @@ def test_interrupted_sweep_resumes_without_redoing_work(tiny_pair, tmp_path, mon
     assert run_sweep(tiny_pair, problems, out, CONFIG) == resumed and len(redone) == 12  # nothing left to do
     grown = run_sweep(tiny_pair, problems, out, dataclasses.replace(CONFIG, lambdas=(0.0, 0.25, 0.5, 1.0)))
     assert len(grown) == 24 and len(redone) == 18  # a grown grid runs only what is new
+
+
+def test_one_process_finishes_what_a_split_sweep_left_in_parts(tiny_pair, tmp_path, monkeypatch):
+    problems = toy_problems(n_per_level=1)
+    reference = run_sweep(tiny_pair, problems, tmp_path / "reference", CONFIG)
+    out = tmp_path / "split"
+    settings = (tmp_path / "reference" / "settings.json").read_text()
+    out.mkdir()
+    (out / "settings.json").write_text(settings)
+    left = [r for r in reference if r["lambda"] == 0.5]  # what a dead split job's process 1 wrote
+    JsonlLog(part_path(out / RECORDS_FILE, 1)).extend(left)
+    real, redone = sweep_module.answer_on_engine, []
+    monkeypatch.setattr(sweep_module, "answer_on_engine", lambda *a, **k: redone.extend(a[2]) or real(*a, **k))
+    resumed = run_sweep(tiny_pair, problems, out, CONFIG)
+    assert len(redone) == 12 and _by_key(resumed) == _by_key(reference)
+    assert [r for r in resumed if r["lambda"] == 0.5] == left and not part_paths(out / RECORDS_FILE)
 
 
 def test_other_settings_or_models_are_refused_not_reused(tiny_pair, tmp_path, tmp_path_factory):
