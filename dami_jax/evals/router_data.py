@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from dami_jax.dami.preferences import Rollout, split_ids
 from dami_jax.errors import InputError
 from dami_jax.evals.benchmarks import Problem
-from dami_jax.evals.records import JsonlLog, ResultsFolder
+from dami_jax.evals.records import JsonlLog, ResultsFolder, part_paths
 from dami_jax.evals.sweep import RECORDS_FILE
 
 ROUTER_SALT = "dami-router"  # the train/eval split of problems
@@ -56,6 +56,8 @@ def read_sweeps(folders: Sequence[str | Path]) -> SweepData:
         stored = ResultsFolder(folder).stored_settings()
         if stored is None or not path.is_file():
             raise InputError(f"{folder} is not a sweep folder (no {RECORDS_FILE} with its settings); run dami-jax sweep first")
+        if part_paths(path):
+            raise InputError(f"{part_paths(path)[0]}: a split sweep did not finish here; rerun it to answer the rest and merge its records")
         shared = {k: v for k, v in stored.items() if k not in POOLABLE}
         if settings is None:
             settings = shared

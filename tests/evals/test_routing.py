@@ -61,6 +61,9 @@ def test_read_sweeps_pools_folders_and_checks_them(swept, tmp_path):
         read_sweeps([other])
     with pytest.raises(InputError, match="not a sweep folder"):
         read_sweeps([tmp_path])
+    (other / "records.process1.jsonl").write_text(json.dumps(old[0]) + "\n")  # a split sweep's share, not merged
+    with pytest.raises(InputError, match="records.process1.jsonl: a split sweep did not finish here"):
+        read_sweeps([other])
 
 
 def test_splits_and_mixes():
