@@ -128,10 +128,11 @@ def test_the_shares_of_a_split_sweep_cover_every_cell_once():
 
 
 @pytest.mark.slow
-def test_a_sweep_split_over_two_processes_writes_what_one_process_writes(tmp_path):
+@pytest.mark.parametrize("cache", ["dense", "tailorkv-1"])
+def test_a_sweep_split_over_two_processes_writes_what_one_process_writes(tmp_path, cache):
     one, two = tmp_path / "one", tmp_path / "two"
-    cli(*SWEEP, "--out", str(one))
-    with Job([*SWEEP, "--out", str(two)]) as job:
+    cli(*SWEEP, "--cache", cache, "--out", str(one))
+    with Job([*SWEEP, "--cache", cache, "--out", str(two)]) as job:
         (code0, out0, err0), (code1, _, err1) = job.wait()
     assert code0 == 0 and code1 == 0, (err0[-2000:], err1[-2000:])
     assert "process 1 of 2 answered its share" in err1 and "accuracy" in out0  # process 0 prints the table

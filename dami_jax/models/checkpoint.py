@@ -179,7 +179,7 @@ def _restore_orbax(folder: Path, dtype: Any, mesh) -> tuple[ModelConfig, Params]
         if mesh is not None:
             shardings = param_shardings(cfg, mesh)
         else:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: device, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
         target = jax.tree.map(
             lambda s, m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), shardings, stored

@@ -51,7 +51,7 @@ def host_zeros(shape: tuple[int, ...], dtype, offload: bool) -> jax.Array:
     """A zero store allocated in host memory (never staged through the device)."""
     if not offload:
         return jnp.zeros(shape, dtype)
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0], memory_kind="pinned_host")
     return jax.device_put(np.zeros(shape, dtype), host)
 
 
