@@ -132,16 +132,17 @@ def merge_parts(path: str | Path, key: Callable[[dict[str, Any]], Hashable]) -> 
     parts; returns the merged records. A crash in between loses nothing: the parts' records are in
     the log, and the next merge drops them as repeats."""
     path, parts = Path(path), part_paths(path)
+    if not parts:
+        return JsonlLog(path).records
     records, seen = [], set()
     for source in [path, *parts]:
         for record in JsonlLog(source).records:
             if key(record) not in seen:
                 seen.add(key(record))
                 records.append(record)
-    if parts:
-        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        for part in parts:
-            part.unlink()
+    write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    for part in parts:
+        part.unlink()
     return records
 
 

@@ -91,7 +91,7 @@ def pair_settings(pair: ModelPair) -> dict[str, Any]:
 def record_keys(seed: int, lam: float, problem_ids: Sequence[str]) -> jax.Array:
     """One PRNG key per problem from (seed, lambda, problem id) alone, so that a sampled answer is
     the same however the sweep was batched, ordered or interrupted."""
-    data = jnp.asarray([zlib.crc32(f"{lam:.6f}/{i}".encode()) for i in problem_ids], jnp.uint32)
+    data = jnp.asarray([cell_hash(lam, i) for i in problem_ids], jnp.uint32)
     return jax.vmap(lambda d: jax.random.fold_in(jax.random.key(seed), d))(data)
 
 
@@ -133,9 +133,11 @@ def run_sweep(
         raise ValueError("problems: ids must be unique (they key the resumable log)")
     folder = ResultsFolder(out_dir)
     folder.claim({**config.settings(), **pair_settings(pair)}, config.required)
-    if not split:  # one process owns the folder: what a split job that died left in parts joins the log
+    if split:
+        log = SharedLog(folder.path / RECORDS_FILE, jax.process_index())
+    else:  # one process owns the folder: what a split job that died left in parts joins the log first
         merge_parts(folder.path / RECORDS_FILE, _key)
-    log = SharedLog(folder.path / RECORDS_FILE, jax.process_index()) if split else folder.log(RECORDS_FILE)
+        log = folder.log(RECORDS_FILE)
     by_id = {p.id: p for p in problems}
     hashes = {p.id: problem_hash(p) for p in problems}
     changed = {r["id"]: r.get("problem_hash") for r in log.records if hashes.get(r["id"], r.get("problem_hash")) != r.get("problem_hash")}
@@ -171,6 +173,11 @@ def run_sweep(
 
 
 def owner(lam: float, problem_id: str, processes: int) -> int:
-    """Which of ``processes`` answers (lambda, problem) in a split sweep: a stable hash of the two,
-    so that the shares are even and a rerun deals them out the same way."""
-    return zlib.crc32(f"{lam:.6f}/{problem_id}".encode()) % processes
+    """Which of ``processes`` answers (lambda, problem) in a split sweep: by :func:`cell_hash`, so
+    that the shares are even and a rerun deals them out the same way."""
+    return cell_hash(lam, problem_id) % processes
+
+
+def cell_hash(lam: float, problem_id: str) -> int:
+    """A stable 32-bit hash of a (lambda, problem) cell: its sampling key and its process derive from it."""
+    return zlib.crc32(f"{lam:.6f}/{problem_id}".encode())
