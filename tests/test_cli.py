@@ -177,11 +177,12 @@ def test_sweep_on_tailorkv_slots_keeps_its_answers_apart_from_dense_ones(capsys,
     assert run(capsys, *SMALL_SWEEP, "--out", str(dense))[0] == 0  # and dense runs still resume there
 
 
-def test_sweep_on_a_mesh_gives_the_single_device_answers(capsys, tmp_path):
+@pytest.mark.parametrize("cache", ["dense", "tailorkv-1"])
+def test_sweep_on_a_mesh_gives_the_single_device_answers(capsys, tmp_path, cache):
     """--mesh tp=2 (4 virtual CPU devices here): the toy pair split over 2 devices, its KV over its 2 KV heads."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run(capsys, *SMALL_SWEEP, "--out", str(one))[0] == 0
-    assert run(capsys, *SMALL_SWEEP, "--mesh", "tp=2", "--out", str(two))[0] == 0
+    assert run(capsys, *SMALL_SWEEP, "--cache", cache, "--out", str(one))[0] == 0
+    assert run(capsys, *SMALL_SWEEP, "--cache", cache, "--mesh", "tp=2", "--out", str(two))[0] == 0
 
     def answers(folder):
         return [(r["id"], r["lambda"], r["output_tokens"], r["correct"]) for r in map(json.loads, (folder / "records.jsonl").read_text().splitlines())]
@@ -240,7 +241,6 @@ def test_sweep_ctrl_c_keeps_what_was_done_and_rerun_resumes(capsys, tmp_path, mo
         (["--batch-size", "0"], ["--batch-size"]),
         (["--mesh", "dp=2"], ["--mesh", "is not tp=N"]),
         (["--mesh", "tp=9"], ["--mesh tp=9", "only 4 device(s)"]),
-        (["--mesh", "tp=2", "--cache", "tailorkv-1"], ["--mesh", "not supported yet", "--cache dense"]),
         (["--coordinator", "nohost"], ["--coordinator", "'nohost' is not HOST:PORT"]),
         (["--coordinator", "127.0.0.1:70000"], ["--coordinator", "is not HOST:PORT"]),
         (["--coordinator", "127.0.0.1:1234"], ["--num-processes, --process-id missing"]),

@@ -3,14 +3,15 @@ processes on 127.0.0.1 (free ports), two virtual CPU devices each, collectives o
 
 - a sweep split over two processes writes the records one process writes, merged into one
   folder; after a process dies, rerunning the job answers only what is missing;
-- a server over two processes (process 0 takes the requests, process 1 follows its engine)
-  answers as ``dj.generate`` does alone, and both stop when process 0 does;
-- ``dj.serve`` called by every process of a job (the pair on a mesh over all four devices) gives
-  the single-process tokens.
+- a server over two processes (process 0 takes the requests, process 1 follows its engine), with
+  dense or TailorKV slots, answers as ``dj.generate`` does alone, and both stop when process 0 does;
+- ``dj.serve`` called by every process of a job gives the single-process tokens: dense on a mesh
+  over all four devices, TailorKV with the KV heads split over the processes.
 Every process runs under a deadline and is killed at the end whatever happens."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
+from dami_jax.cli.common import pair_cache_config
 from dami_jax.decoding.sampling import Sampling
 from dami_jax.engine.lockstep import native, portable
 from dami_jax.evals.prompts import prompt_tokens
@@ -178,9 +180,10 @@ def _chat(url: str, i: int, **extra) -> httpx.Response:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("highest_precision")
-def test_a_server_over_two_processes_answers_as_generate_does_alone():
+@pytest.mark.parametrize("cache", ["dense", "tailorkv-1"])
+def test_a_server_over_two_processes_answers_as_generate_does_alone(cache):
     port = free_port()
-    with Job(["serve", "--host", HOST, "--port", str(port), "--slots", "4", "--max-len", "512"]) as job:
+    with Job(["serve", "--host", HOST, "--port", str(port), "--slots", "4", "--max-len", "512", "--cache", cache]) as job:
         leader = job.processes[0]
         deadline, ready = time.monotonic() + DEADLINE_S, ""
         while time.monotonic() < deadline and leader.poll() is None and "serving" not in ready:
@@ -196,7 +199,7 @@ def test_a_server_over_two_processes_answers_as_generate_does_alone():
     for i, response in enumerate(responses):
         prompt = chat_tokens(pair.tokenizers["thinking"], QUESTIONS[i])
         theta = dj.interpolate(pair.instruct, pair.thinking, LAMBDAS[i])
-        row = dj.generate(theta, pair.cfg, [prompt], max_new_tokens=80).token_lists()[0]
+        row = dj.generate(theta, pair.cfg, [prompt], max_new_tokens=80, cache=pair_cache_config(cache, pair)).token_lists()[0]
         assert response.json()["choices"][0]["message"]["content"] == pair.tokenizers["thinking"].decode(row, skip_special_tokens=True)
     assert refused.status_code == 400 and "spans several processes" in refused.json()["error"]["message"]
     assert code0 == 0 and code1 == 0, err1[-2000:]
@@ -204,7 +207,7 @@ def test_a_server_over_two_processes_answers_as_generate_does_alone():
 
 
 SPMD = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
     import jax
     from dami_jax.distributed import initialize
     flags = dict(zip(sys.argv[1::2], sys.argv[2::2]))
@@ -213,20 +216,28 @@ SPMD = textwrap.dedent("""
     from dami_jax.evals.prompts import prompt_tokens
     from dami_jax.toy.evaluation import toy_problems
     from dami_jax.toy.pair import toy_pair_paths
-    pair = dj.load_pair(*toy_pair_paths(), mesh=dj.make_mesh())  # all 4 devices, 2 in each process
+    devices, cache = json.loads(flags["--case"])  # which devices: every one, or one of each process
+    pair = dj.load_pair(*toy_pair_paths(), mesh=dj.make_mesh(jax.devices()[::devices]))
     prompts = [prompt_tokens(pair.tokenizers["thinking"], p, "toy") for p in toy_problems(2, seed=5)][:10]
-    out = dj.serve(pair, prompts, [i / 9 for i in range(10)], max_new_tokens=24, slots=4)
+    cache = dataclasses.replace(dj.TAILORKV_1, group=32) if cache == "tailorkv" else dj.DenseCacheConfig()
+    out = dj.serve(pair, prompts, [i / 9 for i in range(10)], max_new_tokens=24, slots=4, cache=cache)
     print(json.dumps(out.token_lists()))
 """)
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("highest_precision")
-def test_every_process_calling_dj_serve_gives_the_single_process_tokens():
-    with Job([SPMD], cli=False) as job:
+@pytest.mark.parametrize(
+    "devices, cache", [(1, "dense"), (2, "tailorkv")], ids=["dense-all-4-devices", "tailorkv-heads-split-over-processes"]
+)
+def test_every_process_calling_dj_serve_gives_the_single_process_tokens(devices, cache):
+    """Dense on all 4 devices; TailorKV on one device of each process, so that each process holds
+    one of the 2 KV heads, its prompt stores in that process's host memory."""
+    with Job([SPMD, "--case", json.dumps([devices, cache])], cli=False) as job:
         (code0, out0, err0), (code1, out1, _) = job.wait()
     assert code0 == 0 and code1 == 0, err0[-2000:]
     pair = dj.load_toy_pair()
     prompts = [prompt_tokens(pair.tokenizers["thinking"], p, "toy") for p in toy_problems(2, seed=5)][:10]
-    alone = dj.serve(pair, prompts, [i / 9 for i in range(10)], max_new_tokens=24, slots=4).token_lists()
+    config = dataclasses.replace(dj.TAILORKV_1, group=32) if cache == "tailorkv" else dj.DenseCacheConfig()
+    alone = dj.serve(pair, prompts, [i / 9 for i in range(10)], max_new_tokens=24, slots=4, cache=config).token_lists()
     assert json.loads(out0.splitlines()[-1]) == alone == json.loads(out1.splitlines()[-1])

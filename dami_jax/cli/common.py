@@ -201,8 +201,6 @@ def pair_from(args: argparse.Namespace, across_processes: bool = False):
     from dami_jax.toy.pair import toy_pair_paths
 
     check_pair_args(args)
-    if args.mesh and getattr(args, "cache", "dense") != "dense":
-        raise UsageError(f"--mesh: TailorKV slots on a mesh are not supported yet; use --cache dense (got --cache {args.cache})")
     name = pair_name(args)
     options = {"dtype": dtype_of(args.dtype), "mesh": mesh_from(args.mesh, across_processes)}
     if name == "toy":

@@ -86,9 +86,6 @@ def _serve(args: argparse.Namespace) -> None:
     processes = processes_from(args)
     if processes is not None and args.router is not None:
         raise UsageError("--router: a router runs the models outside the engine, which a server over several processes cannot yet")
-    if processes is not None and args.cache != "dense":
-        raise UsageError(f"--cache {args.cache}: TailorKV slots on a mesh are not supported yet; a server over several processes "
-                         "takes --cache dense")  # fmt: skip
     follower = processes is not None and processes[2] != 0
     sock = None if follower else _listen(args.host, args.port)
 

@@ -95,7 +95,8 @@ class Engine:
     ``mesh``: a device mesh with a ``"tp"`` axis (``dj.make_mesh()``; default: the mesh the pair
     was loaded onto, if any): the pair tensor-parallel on it, the KV cache split over KV heads, the
     steps compiled once with their layouts pinned (:mod:`~dami_jax.engine.placement`); slot
-    sizing reads every device's memory. Dense cache only. On a mesh over several processes
+    sizing reads every device's memory. TailorKV slots split the same way, their prompt stores
+    in the host memory beside each device's heads. On a mesh over several processes
     (``jax.distributed``), every process builds the same engine and makes the same calls: each
     gives it the same requests (``dj.serve`` called by all), or process 0 takes them and the others
     follow it (:mod:`~dami_jax.engine.lockstep`).
@@ -124,9 +125,6 @@ class Engine:
             raise InputError(f"cache: the engine takes dj.DenseCacheConfig() or a dj.TailorKVConfig, got {type(cache).__name__}")
         mesh = mesh or mesh_of(pair)
         if mesh is not None:
-            if isinstance(cache, TailorKVConfig):
-                raise InputError("cache: TailorKV slots on a mesh are not supported yet (their prompt stores live in one "
-                                 "device's host memory); use the dense cache on a mesh")  # fmt: skip
             try:
                 pair = pair_on_mesh(pair, mesh)
             except ValueError as error:

@@ -2,9 +2,11 @@
 may take.
 
 The pair is tensor-parallel (:func:`dami_jax.models.sharding.param_shardings`: attention over
-heads, the MLP over its intermediate dimension, experts over the expert axis). The dense KV cache
-[slots, Hkv, capacity, hd] is split over KV heads, as attention is, and replicated where the mesh
-axis does not divide them; the rest of the state (per-slot settings, tokens, counters) is
+heads, the MLP over its intermediate dimension, experts over the expert axis). The slots' KV is
+split over KV heads, as attention is, and replicated where the mesh axis does not divide them: the
+dense cache [slots, Hkv, capacity, hd], and every per-head array of a TailorKV slot (quantized
+codes, windows, critical channels, and the prompt stores, which stay in host memory: each device's
+heads in its own host memory). The rest of the state (per-slot settings, tokens, counters) is
 replicated. The steps' output state is pinned to the same shardings
 (:func:`~dami_jax.engine.steps.jitted_steps`), so that a mesh adds no compilation.
 """
@@ -47,16 +49,24 @@ def kv_split(cfg: ModelConfig, mesh: Mesh) -> int:
 
 
 def state_shardings(state: SlotState, cfg: ModelConfig, mesh: Mesh) -> SlotState:
-    """A tree of ``NamedSharding`` matching ``state``: KV split over heads where it can be."""
+    """A tree of ``NamedSharding`` matching ``state``, each leaf in its own memory kind (TailorKV's
+    prompt stores stay in host memory): the cache's per-head arrays [slots, Hkv, ...] split over KV
+    heads where the mesh divides them, the rest replicated."""
     mesh = auto_axes(mesh)  # as the params' shardings have it
-    heads = NamedSharding(mesh, P(None, AXIS) if kv_split(cfg, mesh) > 1 else P())
-    replicated = NamedSharding(mesh, P())
+    split = kv_split(cfg, mesh) > 1
 
     def sharding(path, leaf):
         names = [getattr(p, "name", None) for p in path]
-        return heads if names[:2] in (["cache", "k"], ["cache", "v"]) else replicated
+        per_head = names[0] == "cache" and leaf.ndim >= 3 and leaf.shape[1] == cfg.num_kv_heads
+        return NamedSharding(mesh, P(None, AXIS) if split and per_head else P(), memory_kind=leaf.sharding.memory_kind)
 
     return jax.tree_util.tree_map_with_path(sharding, state)
+
+
+def store_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """Where TailorKV's host prompt stores [slots, Hkv, ...] are allocated on ``mesh``: as
+    :func:`state_shardings` places them, so that no store is ever whole on one device's host."""
+    return NamedSharding(auto_axes(mesh), P(None, AXIS) if kv_split(cfg, mesh) > 1 else P(), memory_kind="pinned_host")
 
 
 def mesh_free_memory(cfg: ModelConfig, mesh: Mesh) -> tuple[int, str]:

@@ -23,7 +23,7 @@ from dami_jax.decoding.cache import CacheConfig
 from dami_jax.engine.cache import RowLayout, SlotKVCache
 from dami_jax.engine.requests import Request
 from dami_jax.engine.scheduler import DecodePlan, PackPlan, PiecePlan, Plan, Running
-from dami_jax.engine.placement import state_shardings
+from dami_jax.engine.placement import state_shardings, store_sharding
 from dami_jax.engine.steps import Pack, Piece, Settings, SlotState, Starts, decode, jitted_steps, prefill
 from dami_jax.engine.tailorkv_slots import SlotTailorKVCache
 from dami_jax.models.sharding import auto_axes
@@ -103,7 +103,8 @@ class Runtime:
         self.steps_per_call, self.prefill_chunk, self.stop_width = steps_per_call, prefill_chunk, max_stop_tokens
         dtype = jax.tree.leaves(pair.instruct)[0].dtype
         if isinstance(cache, TailorKVConfig):
-            rows = SlotTailorKVCache.create(pair.cfg, cache, slots, max_len, max_new_tokens or max_len - 1, dtype)
+            rows = SlotTailorKVCache.create(pair.cfg, cache, slots, max_len, max_new_tokens or max_len - 1, dtype,
+                                            None if mesh is None else store_sharding(pair.cfg, mesh))  # fmt: skip
         else:
             rows = SlotKVCache.create(pair.cfg, slots, max_len, dtype, layout, kernel)
         # Committed to their shardings (memory kinds included) from the start: every call, warm-up

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from dami_jax.engine.cache import PackedView, RowsView, continuing_view
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv.cache import TailorKVCache, TailorKVConfig
+from dami_jax.tailorkv.prompt_store import host_zeros
 
 
 def tailorkv_slot_bytes(cfg: ModelConfig, config: TailorKVConfig, max_new_tokens: int | None, dtype) -> Callable[[int], tuple[int, int]]:
@@ -54,11 +55,13 @@ class SlotTailorKVCache:
     inner: TailorKVCache
 
     @classmethod
-    def create(cls, cfg: ModelConfig, config: TailorKVConfig, slots: int, max_len: int, max_generated: int, dtype
-               ) -> "SlotTailorKVCache":  # fmt: skip
+    def create(cls, cfg: ModelConfig, config: TailorKVConfig, slots: int, max_len: int, max_generated: int, dtype,
+               store_sharding: jax.sharding.Sharding | None = None) -> "SlotTailorKVCache":  # fmt: skip
         """``slots`` rows of ``max_len`` tokens (prompt + generated), at most ``max_generated``
-        of them generated (the sparse layers keep those on the device)."""
-        inner = TailorKVCache.create(cfg, config, slots, max_len, max_generated, dtype, max_len=max_len)
+        of them generated (the sparse layers keep those on the device); the prompt stores
+        allocated on ``store_sharding`` when offloaded (a mesh's: :func:`~dami_jax.engine.placement.store_sharding`)."""
+        inner = TailorKVCache.create(cfg, config, slots, max_len, max_generated, dtype, max_len=max_len,
+                                     zeros=lambda shape, dtype: host_zeros(shape, dtype, config.offload, store_sharding))  # fmt: skip
         return cls(inner.replace(active=jnp.zeros((slots,), bool)))
 
     @property

@@ -47,11 +47,12 @@ def to_host(x: jax.Array, offload: bool) -> jax.Array:
     return jax.device_put(x, jax.memory.Space.Host) if offload else x
 
 
-def host_zeros(shape: tuple[int, ...], dtype, offload: bool) -> jax.Array:
-    """A zero store allocated in host memory (never staged through the device)."""
+def host_zeros(shape: tuple[int, ...], dtype, offload: bool, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """A zero store allocated in host memory (never staged through the device), on ``sharding``
+    (a host memory kind; default: this process's first device's host memory)."""
     if not offload:
         return jnp.zeros(shape, dtype)
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0], memory_kind="pinned_host")
+    host = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0], memory_kind="pinned_host")
     return jax.device_put(np.zeros(shape, dtype), host)
 
 

@@ -102,8 +102,6 @@ def test_serve_on_a_mesh_and_what_a_mesh_refuses(pair):
     one = dj.serve(pair, prompts, lambdas, max_new_tokens=16, slots=3)
     meshed = dj.serve(pair, prompts, lambdas, max_new_tokens=16, slots=3, mesh=dj.make_mesh())
     np.testing.assert_array_equal(meshed.tokens, one.tokens)
-    with pytest.raises(InputError, match="TailorKV slots on a mesh are not supported yet"):
-        Engine(pair, slots=2, max_len=128, cache=dj.TAILORKV_1, mesh=dj.make_mesh())
     bad = jax.make_mesh((4,), ("data",))
     with pytest.raises(InputError, match="needs an axis named 'tp'"):
         Engine(pair, slots=2, max_len=128, mesh=bad)

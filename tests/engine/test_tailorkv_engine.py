@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from peaked import CFG, DEFAULT, linked_prompt, peaked_model, walk
 
 import dami_jax as dj
@@ -85,6 +86,25 @@ def test_device_kv_per_slot_shrinks_and_the_prompts_sit_in_host_memory():
     assert tailorkv.sizing.kv_bytes == device and tailorkv.sizing.host_bytes == host  # what sizing counted is what was built
     store = tailorkv.runtime.state.cache.inner.prompts[1]
     assert store.k.sharding.memory_kind == "pinned_host"
+
+
+def test_tailorkv_slots_on_a_mesh_give_the_one_device_tokens_each_device_holding_its_heads():
+    """2 virtual devices split the 2 KV heads: every per-head array of a slot, the prompt stores
+    included, which stay in host memory, one head beside each device."""
+    rows = [r for r in STREAM if len(r["prompt"]) > dj.TAILORKV_1.budget][:8]  # every row past the budget: top-k decides
+    engines = [Engine(PAIR, slots=2, max_len=MAX_LEN, max_new_tokens=max(BUDGETS), cache=dj.TAILORKV_1, mesh=mesh)
+               for mesh in (None, dj.make_mesh(jax.devices()[:2]))]  # fmt: skip
+    tokens = []
+    for engine in engines:
+        for r in rows:
+            engine.submit(r["prompt"], lam=r["lam"], max_new_tokens=r["max_new_tokens"], stop_tokens=[])
+        tokens.append([result.tokens for result in engine.run()])
+    assert tokens[1] == tokens[0] == [r["answer"] for r in rows]
+    cache = engines[1].runtime.state.cache.inner
+    for leaf in (cache.prompts[1].k, cache.prompts[1].kt, cache.prompts[0].v, cache.layers[0].keys.codes, cache.layers[1].k_gen):
+        assert leaf.sharding.spec == P(None, "tp") and {s.data.shape[1] for s in leaf.addressable_shards} == {1}
+    assert {s.data.sharding.memory_kind for s in cache.prompts[1].k.addressable_shards} == {"pinned_host"}
+    assert cache.layers[1].k_gen.sharding.memory_kind == "device" and cache.length.sharding.spec == P()
 
 
 def test_serve_takes_a_tailorkv_cache():

@@ -216,10 +216,10 @@ def test_a_full_queue_gets_429_and_sigterm_drains():
                 small.process.send_signal(signal.SIGTERM)  # in flight: both streams; then nothing new
                 rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
                 second_chunks = _chunks(second)
+        # Both ran to their budget (a chunk carries every token that came since the last one, so
+        # under load the chunks are fewer than the tokens: their count says nothing).
         assert rest[-1]["choices"][0]["finish_reason"] == "length"  # the first stream ran to its end
         assert second_chunks[-1]["choices"][0]["finish_reason"] == "length"
-        tokens = sum(1 for c in rest + second_chunks if c["choices"] and c["choices"][0]["delta"].get("content"))
-        assert tokens > 400
         with pytest.raises(httpx.HTTPError):
             httpx.post(f"{small.url}/v1/completions", json={"model": "dami-toy", "prompt": "hi"}, timeout=10).raise_for_status()
         assert small.process.wait(timeout=60) == 0
@@ -243,8 +243,7 @@ def test_serve_checks_its_arguments_before_loading_models(tmp_path):
                                (["--api-key", "k", "--api-key-file", str(tmp_path / "empty-key")], "give one"),
                                (["--api-key-file", str(tmp_path / "empty-key")], "one word"),
                                (["--max-body-bytes", "0"], "--max-body-bytes"),
-                               (["--router", "conf", *processes], "--router: a router runs the models outside the engine"),
-                               (["--cache", "tailorkv-1", *processes], "--cache tailorkv-1: TailorKV slots on a mesh")):  # fmt: skip
+                               (["--router", "conf", *processes], "--router: a router runs the models outside the engine")):  # fmt: skip
             done = subprocess.run([sys.executable, "-m", "dami_jax.cli", "serve", "--host", HOST, *args], capture_output=True,
                                   text=True, timeout=60)  # fmt: skip
             assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
