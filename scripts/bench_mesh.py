@@ -16,6 +16,10 @@
    the weights and the KV cache do not fit in the GPUs' memory says so. The shapes
    are the model's config.json; HBM bandwidth and the all-reduce latency are stated assumptions
    (H100 SXM: 3.35 TB/s; 15 us per small NVLink all-reduce), printed with the table.
+3. TailorKV's token selection on a mesh that splits the KV heads over 2 devices: ``largest``
+   (TopK per device on its own heads, in a shard_map) against ``jax.lax.top_k`` on the split
+   scores (XLA gathers every head's scores onto every device first), on scores [8 rows, 8 heads,
+   32768 tokens], k = 128 (TailorKV-1) and 896 (TailorKV-2).
 
     python scripts/bench_mesh.py [--requests 24] [--new-tokens 32]
 """
@@ -34,6 +38,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import dami_jax as dj  # noqa: E402
 from dami_jax.dami.pair import ModelPair  # noqa: E402
@@ -41,6 +47,7 @@ from dami_jax.engine.engine import Engine  # noqa: E402
 from dami_jax.evals.prompts import prompt_tokens  # noqa: E402
 from dami_jax.models.checkpoint import save_hf_checkpoint  # noqa: E402
 from dami_jax.models.config import ModelConfig  # noqa: E402
+from dami_jax.tailorkv.layers import largest  # noqa: E402
 from dami_jax.toy.evaluation import toy_problems  # noqa: E402
 from dami_jax.toy.pair import toy_pair_paths  # noqa: E402
 
@@ -121,6 +128,23 @@ def projected(cfg: ModelConfig) -> None:
                   f"{shown(mixed, 2, 4)} |")  # fmt: skip
 
 
+def selection() -> None:
+    mesh = dj.make_mesh(jax.devices()[:2])
+    scores = jax.device_put(jax.random.normal(jax.random.key(0), (8, 8, 32768)), NamedSharding(mesh, P(None, "tp")))
+    print("\nTailorKV's token selection, scores [8, 8, 32768] split over 2 devices by head (ms per call, 10 calls):")
+    for k in (128, 896):
+        times = {}
+        for name, select in (("gathered top_k", lambda x: jax.lax.top_k(x, k)), ("largest", lambda x: largest(x, k, mesh))):
+            jitted = jax.jit(select)
+            jax.block_until_ready(jitted(scores))
+            started = time.perf_counter()
+            for _ in range(10):
+                jax.block_until_ready(jitted(scores))
+            times[name] = (time.perf_counter() - started) / 10
+        print(f"  k={k}: gathered top_k {times['gathered top_k'] * 1e3:.1f} ms | largest {times['largest'] * 1e3:.1f} ms "
+              f"({times['gathered top_k'] / times['largest']:.2f}x faster)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=24)
@@ -128,6 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     measured(args)
     projected(QWEN3_30B_A3B)
+    selection()
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ class SlotTailorKVCache:
         """``slots`` rows of ``max_len`` tokens (prompt + generated), at most ``max_generated``
         of them generated (the sparse layers keep those on the device); the prompt stores
         allocated on ``store_sharding`` when offloaded (a mesh's: :func:`~dami_jax.engine.placement.store_sharding`)."""
+        split = store_sharding is not None and not store_sharding.is_fully_replicated
         inner = TailorKVCache.create(cfg, config, slots, max_len, max_generated, dtype, max_len=max_len,
+                                     head_mesh=store_sharding.mesh if split else None,
                                      zeros=lambda shape, dtype: host_zeros(shape, dtype, config.offload, store_sharding))  # fmt: skip
         return cls(inner.replace(active=jnp.zeros((slots,), bool)))
 

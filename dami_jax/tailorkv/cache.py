@@ -44,14 +44,15 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from dami_jax.decoding.cache import DenseKVCache, replace_layer, write_slots
 from dami_jax.models.attention import attention_over_reads
 from dami_jax.models.config import ModelConfig
 from dami_jax.tailorkv.kernel_choice import quantized_attention_by, segment_attention_by
 from dami_jax.tailorkv.layers import (
-    QuantizedLayerCache, SparseLayerCache, gather_tokens, ring_slots, select_channels, serve_dequantized, start_quantized, start_sparse,
-    token_scores,
+    QuantizedLayerCache, SparseLayerCache, gather_tokens, largest, ring_slots, select_channels, serve_dequantized, start_quantized,
+    start_sparse, token_scores,
 )
 from dami_jax.tailorkv.prompt_store import PROMPT_BLOCK, PromptStore, host_zeros, over_units, prompt_capacity, row_local, unit_rows
 from dami_jax.tailorkv.quant import quantize_keys, quantize_values
@@ -183,14 +184,16 @@ class TailorKVCache:
     active: jax.Array  # bool [R]: rows a decode step serves; the others neither advance nor read from the host
     config: TailorKVConfig = flax.struct.field(pytree_node=False)
     kernel: str = flax.struct.field(pytree_node=False, default="xla")  # resolved: "xla", "pallas" or "triton"
+    head_mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)  # the mesh its heads are split over (:func:`largest`)
 
     @classmethod
     def create(cls, cfg: ModelConfig, config: TailorKVConfig, rows: int, prompt_tokens: int, max_generated: int,
-               dtype, *, max_len: int, zeros=None) -> "TailorKVCache":  # fmt: skip
+               dtype, *, max_len: int, zeros=None, head_mesh: Mesh | None = None) -> "TailorKVCache":  # fmt: skip
         """An empty cache of ``rows`` rows, each holding a prompt of up to ``prompt_tokens`` tokens
         (its store: :func:`prompt_capacity`) and ``max_len`` tokens in all, ``max_generated`` of
         them generated. ``zeros(shape, dtype)`` allocates the prompt stores (default: in host
-        memory when offloaded, never staged through the device)."""
+        memory when offloaded, never staged through the device); ``head_mesh``: the mesh the heads
+        are split over, if any."""
         config.validate(cfg)
         zeros = zeros or (lambda shape, dtype: host_zeros(shape, dtype, config.offload))
         hkv, hd, r = cfg.num_kv_heads, cfg.head_dim, config.residual
@@ -224,7 +227,7 @@ class TailorKVCache:
         layers, prompts = zip(*(layer(i) for i in range(cfg.num_layers)))
         return cls(layers=tuple(layers), prompts=tuple(prompts), length=device(rows, dtype=jnp.int32),
                    prompt_len=device(rows, dtype=jnp.int32), active=jnp.ones((rows,), bool), config=config,
-                   kernel=config.kernel_for(cfg))  # fmt: skip
+                   kernel=config.kernel_for(cfg), head_mesh=head_mesh)  # fmt: skip
 
     # ------------------------------------------------------------------ rows
 
@@ -289,14 +292,14 @@ class TailorKVCache:
         cache = self
         if next_query is not None:  # lookahead: pick layer+1's channels from its predicted query
             upcoming = self.layers[layer + 1]
-            chosen = select_channels(next_query, upcoming.k_absmax, self.config.num_channels)
+            chosen = select_channels(next_query, upcoming.k_absmax, self.config.num_channels, self.head_mesh)
             cache = self._with_layer(layer + 1, upcoming.replace(channels=chosen))
         state = cache.layers[layer]
         if isinstance(state, QuantizedLayerCache):
             out, state = cache._attend_quantized(state, q, k, v)
         else:
             channels = state.channels if self.wants_next_query(layer) else select_channels(
-                q, state.k_absmax, self.config.num_channels
+                q, state.k_absmax, self.config.num_channels, self.head_mesh
             )
             out, state = cache._attend_sparse(state, self.prompts[layer], q, k, v, channels)
         return out, cache._with_layer(layer, state)
@@ -359,7 +362,7 @@ class TailorKVCache:
         approx = over_units(blocks_per_row.sum(), b, score, unscored)
         slots = jnp.arange(store.capacity)
         eligible = (slots[None, :] >= config.sink) & (slots[None, :] < self.prompt_len[:, None] - config.recent)
-        scores, chosen = jax.lax.top_k(jnp.where(eligible[:, None, :], approx, -jnp.inf), min(config.top_k, store.capacity))
+        scores, chosen = largest(jnp.where(eligible[:, None, :], approx, -jnp.inf), min(config.top_k, store.capacity), self.head_mesh)
         decoding = jnp.nonzero(self.active, size=b, fill_value=b)[0].astype(jnp.int32)  # decoding rows first
 
         def fetch(start, size: int, kv):

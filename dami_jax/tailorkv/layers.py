@@ -7,7 +7,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from dami_jax.models.sharding import AXIS
 from dami_jax.tailorkv.prompt_store import PROMPT_BLOCK, PromptStore
 from dami_jax.tailorkv.quant import quantize_keys, quantize_values
 from dami_kernels.packing import QuantizedKeys, QuantizedValues
@@ -35,13 +38,23 @@ def serve_dequantized(k_window: jax.Array, block: QuantizedKeys, block_start: ja
     return jnp.where(inside[:, None, :, None], dequantized, k_window)
 
 
-def select_channels(query: jax.Array, k_absmax: jax.Array, num_channels: int) -> jax.Array:
+def largest(x: jax.Array, k: int, head_mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k(x, k)`` of x [B, Hkv, N]. On ``head_mesh`` (the mesh its heads are split
+    over) each device selects for its own heads: XLA does not split TopK along its batch axes,
+    and would gather every head's x onto every device."""
+    if head_mesh is None:
+        return jax.lax.top_k(x, k)
+    heads = P(None, AXIS)
+    return jax.shard_map(lambda part: tuple(jax.lax.top_k(part, k)), mesh=head_mesh, in_specs=heads, out_specs=(heads, heads))(x)
+
+
+def select_channels(query: jax.Array, k_absmax: jax.Array, num_channels: int, head_mesh: Mesh | None = None) -> jax.Array:
     """query [B, 1, Hq, hd], k_absmax [B, Hkv, hd] -> int32 [B, Hkv, num_channels]: the channels
-    with the largest |mean over the GQA group of q_i| * max|K_i|."""
+    with the largest |mean over the GQA group of q_i| * max|K_i| (:func:`largest`)."""
     b, _, hq, hd = query.shape
     hkv = k_absmax.shape[1]
     group_mean = query[:, 0].reshape(b, hkv, hq // hkv, hd).mean(axis=2)
-    return jax.lax.top_k(jnp.abs(group_mean) * k_absmax, num_channels)[1].astype(jnp.int32)
+    return largest(jnp.abs(group_mean) * k_absmax, num_channels, head_mesh)[1].astype(jnp.int32)
 
 
 def token_scores(q_channels: jax.Array, channel_rows: jax.Array, mode: str) -> jax.Array:

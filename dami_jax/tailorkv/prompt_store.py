@@ -146,22 +146,24 @@ class PromptStore:
     def channel_blocks(self, channels: jax.Array, rows: jax.Array, blocks: jax.Array, offload: bool) -> jax.Array:
         """[n, Hkv, C, PROMPT_BLOCK]: channels int32 [n, Hkv, C] of prompt block blocks[i] of row
         rows[i] (int32 [n]), read from the transposed keys (a sparse layer's token estimate), on
-        the device: one contiguous span per (unit, head, channel)."""
+        the device: one contiguous span per (unit, head, channel). The heads are mapped over, not
+        indexed, here and in :meth:`gather`: a mesh that splits them reads each on its own device."""
 
-        def read(kt, channels, rows, heads, blocks):
-            def span(row, head, channel, block):
-                return jax.lax.dynamic_slice(kt, (row, head, channel, block * PROMPT_BLOCK), (1, 1, 1, PROMPT_BLOCK))[0, 0, 0]
+        def read(kt, channels, rows, blocks):
+            def span(head_kt, row, channel, block):  # head_kt [B, hd, P]: one head's transposed keys
+                return jax.lax.dynamic_slice(head_kt, (row, channel, block * PROMPT_BLOCK), (1, 1, PROMPT_BLOCK))[0, 0]
 
-            per_channel = jax.vmap(span, (None, None, 0, None))
-            return jax.vmap(jax.vmap(per_channel, (None, 0, 0, None)), (0, None, 0, 0))(rows, heads, channels, blocks)
+            per_head = jax.vmap(jax.vmap(span, (None, None, 0, None)), (1, None, 0, None))
+            return jax.vmap(per_head, (None, 0, 0, 0))(kt, rows, channels, blocks)
 
-        heads = jnp.arange(channels.shape[1], dtype=jnp.int32)  # made here: host code cannot create device arrays
-        return on_host(offload, read, self.kt, channels, rows, heads, blocks)
+        return on_host(offload, read, self.kt, channels, rows, blocks)
 
     def gather(self, rows: jax.Array, chosen: jax.Array, offload: bool) -> tuple[jax.Array, jax.Array]:
         """(k, v) [n, Hkv, N, hd] of rows int32 [n] at their chosen tokens int32 [n, Hkv, N], on the
         device (indexed, so that no slice of a whole store is made)."""
-        rows, heads = (jnp.broadcast_to(index, chosen.shape) for index in (
-            rows[:, None, None], jnp.arange(chosen.shape[1])[None, :, None]))  # fmt: skip
-        return on_host(offload, lambda k, v, rows, heads, chosen: (k[rows, heads, chosen], v[rows, heads, chosen]),
-                       self.k, self.v, rows, heads, chosen)  # fmt: skip
+
+        def pick(k, v, rows, chosen):
+            per_head = jax.vmap(lambda head_k, head_chosen: head_k[rows[:, None], head_chosen], (1, 1), 1)  # [B, P, hd] -> [n, N, hd]
+            return per_head(k, chosen), per_head(v, chosen)
+
+        return on_host(offload, pick, self.k, self.v, rows, chosen)

@@ -6,6 +6,7 @@ a request inserted while others decode; bad configurations refused before any sl
 
 from __future__ import annotations
 
+import re
 import jax
 import numpy as np
 import pytest
@@ -105,6 +106,13 @@ def test_tailorkv_slots_on_a_mesh_give_the_one_device_tokens_each_device_holding
         assert leaf.sharding.spec == P(None, "tp") and {s.data.shape[1] for s in leaf.addressable_shards} == {1}
     assert {s.data.sharding.memory_kind for s in cache.prompts[1].k.addressable_shards} == {"pinned_host"}
     assert cache.layers[1].k_gen.sharding.memory_kind == "device" and cache.length.sharding.spec == P()
+    # Each device estimates, selects and fetches its own heads' tokens: the decode step's only
+    # collectives are tensor parallelism's all-reduces of [rows, 1, hidden] activations.
+    runtime = engines[1].runtime
+    text = runtime.decode_step.lower(runtime.pair.instruct, None, runtime.state, np.zeros(runtime.slots, bool), np.int32(0),
+                                     cfg=CFG, rows=runtime.slots, max_steps=runtime.steps_per_call).compile().as_text()  # fmt: skip
+    collectives = re.findall(r"= (\w+\[[\d,]*\])\S* (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(", text)
+    assert collectives and set(collectives) == {(f"f32[{runtime.slots},1,{CFG.hidden_size}]", "all-reduce")}
 
 
 def test_serve_takes_a_tailorkv_cache():

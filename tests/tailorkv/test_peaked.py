@@ -74,9 +74,9 @@ def fresh_jit():
     jax.clear_caches()
 
 
-def lowest_scoring_channels(query, k_absmax, num_channels):
+def lowest_scoring_channels(query, k_absmax, num_channels, head_mesh=None):
     """The channels select_channels ranks last (it returns them best first)."""
-    return select_channels(query, k_absmax, k_absmax.shape[-1])[..., -num_channels:]
+    return select_channels(query, k_absmax, k_absmax.shape[-1], head_mesh)[..., -num_channels:]
 
 
 def negated_token_scores(q_channels, channel_rows, mode):

@@ -21,6 +21,7 @@ from dami_jax.tailorkv.cache import (
     QuantizedLayerCache,
     SparseLayerCache,
     TailorKVConfig,
+    largest,
     select_channels,
     token_scores,
 )
@@ -303,3 +304,21 @@ def test_an_idle_row_fetches_nothing_and_leaves_the_decoding_rows_as_they_were()
         np.testing.assert_array_equal(busy[::2], every[::2])
     assert bool(mask_all[1].all()) and not bool(mask_busy[1].any())
     assert not np.any(k_busy[1]) and not np.any(v_busy[1]) and np.all(np.abs(k_all[1]) > 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), width=st.integers(1, 40), k=st.integers(1, 40), levels=st.integers(1, 5))
+def test_largest_on_a_head_mesh_is_top_k_selected_on_each_device(seed, width, k, levels):
+    """Scores [rows, Hkv, N] split over 2 devices by head, with ties everywhere and -inf (as the
+    token selection's masked scores have): top_k's values and indices, and no gather of the
+    scores (each device selects for its own heads)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, (3, 2, width)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = -np.inf
+    k = min(k, width)
+    mesh = jax.make_mesh((2,), ("tp",))
+    split = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tp")))
+    select = jax.jit(lambda scores: largest(scores, k, mesh))
+    for expected, got in zip(jax.lax.top_k(jnp.asarray(x), k), select(split)):
+        np.testing.assert_array_equal(expected, got)
+    assert "all-gather(" not in select.lower(split).compile().as_text()
