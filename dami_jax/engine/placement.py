@@ -52,13 +52,12 @@ def state_shardings(state: SlotState, cfg: ModelConfig, mesh: Mesh) -> SlotState
     """A tree of ``NamedSharding`` matching ``state``, each leaf in its own memory kind (TailorKV's
     prompt stores stay in host memory): the cache's per-head arrays [slots, Hkv, ...] split over KV
     heads where the mesh divides them, the rest replicated."""
-    mesh = auto_axes(mesh)  # as the params' shardings have it
-    split = kv_split(cfg, mesh) > 1
+    mesh, heads = auto_axes(mesh), heads_spec(cfg, mesh)  # as the params' shardings have it
 
     def sharding(path, leaf):
         names = [getattr(p, "name", None) for p in path]
         per_head = names[0] == "cache" and leaf.ndim >= 3 and leaf.shape[1] == cfg.num_kv_heads
-        return NamedSharding(mesh, P(None, AXIS) if split and per_head else P(), memory_kind=leaf.sharding.memory_kind)
+        return NamedSharding(mesh, heads if per_head else P(), memory_kind=leaf.sharding.memory_kind)
 
     return jax.tree_util.tree_map_with_path(sharding, state)
 
@@ -66,7 +65,12 @@ def state_shardings(state: SlotState, cfg: ModelConfig, mesh: Mesh) -> SlotState
 def store_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
     """Where TailorKV's host prompt stores [slots, Hkv, ...] are allocated on ``mesh``: as
     :func:`state_shardings` places them, so that no store is ever whole on one device's host."""
-    return NamedSharding(auto_axes(mesh), P(None, AXIS) if kv_split(cfg, mesh) > 1 else P(), memory_kind="pinned_host")
+    return NamedSharding(auto_axes(mesh), heads_spec(cfg, mesh), memory_kind="pinned_host")
+
+
+def heads_spec(cfg: ModelConfig, mesh: Mesh) -> P:
+    """How an array [slots, Hkv, ...] is laid out on ``mesh``: split over KV heads where the mesh divides them."""
+    return P(None, AXIS) if kv_split(cfg, mesh) > 1 else P()
 
 
 def mesh_free_memory(cfg: ModelConfig, mesh: Mesh) -> tuple[int, str]:
